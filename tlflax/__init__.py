@@ -1,0 +1,1 @@
+"""tlflax: transfer learning in JAX."""

@@ -1,0 +1,122 @@
+"""VGG networks as torchvision and Keras build them.
+
+Parameter paths:
+
+    stage{i}/conv{j}, stage{i}/bn{j}      five convolution stages, each ending in a max pool
+    fc/dense1, fc/dense2                  the two 4096-wide hidden layers
+    head
+
+The flattened 7x7 map is in NHWC order here. torchvision flattens NCHW, so its
+first dense layer's rows are permuted when its weights are converted
+(`tlflax.weights.torchvision`); Keras flattens NHWC and needs no permutation.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from tlflax.models import layers
+from tlflax.models.resnet import check_last_stage, classifier_head
+
+# Channels per convolution, grouped by stage (torchvision configurations A, B, D, E).
+VGG_STAGES = {
+    11: ((64,), (128,), (256, 256), (512, 512), (512, 512)),
+    13: ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512)),
+    16: ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)),
+    19: ((64, 64), (128, 128), (256,) * 4, (512,) * 4, (512,) * 4),
+}
+
+
+class VGG(nn.Module):
+  """VGG backbone with named stages.
+
+  Attributes:
+    stages: channels per convolution, one tuple per stage.
+    batch_norm: BatchNorm after each convolution (torchvision `vgg*_bn`).
+    num_classes: size of the `head` layer; `None` builds no head.
+    hidden_size: width of `fc/dense1` and `fc/dense2`.
+    dropout_rate: dropout after each hidden layer in training (0 for Keras).
+    last_stage: truncate after this stage; a convolution stage is then
+      globally average-pooled before the head.
+    dtype, frozen_batchnorm: as for `ResNet`.
+  """
+  stages: Sequence[Sequence[int]]
+  batch_norm: bool = False
+  num_classes: Optional[int] = 1000
+  hidden_size: int = 4096
+  dropout_rate: float = 0.5
+  last_stage: Optional[str] = None
+  dtype: Any = jnp.float32
+  frozen_batchnorm: tuple[str, ...] = ()
+  bn_epsilon: float = 1e-5
+  bn_momentum: float = 0.9
+
+  @property
+  def stage_names(self) -> tuple[str, ...]:
+    return tuple(f"stage{i + 1}" for i in range(len(self.stages))) + ("fc",)
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    check_last_stage(self.last_stage, self.stage_names)
+    x = x.astype(self.dtype)
+    for i, channels in enumerate(self.stages):
+      name = f"stage{i + 1}"
+      x = VGGStage(channels=tuple(channels), batch_norm=self.batch_norm,
+                   dtype=self.dtype, norm=functools.partial(
+                       layers.BatchNorm, momentum=self.bn_momentum,
+                       epsilon=self.bn_epsilon, dtype=self.dtype,
+                       frozen_patterns=self.frozen_batchnorm),
+                   name=name)(x, train)
+      layers.sow_feature(self, name, x)
+      if name == self.last_stage:
+        return classifier_head(self, layers.global_avg_pool(x))
+    x = layers.adaptive_avg_pool(x, (7, 7)).reshape(x.shape[0], -1)
+    x = HiddenLayers(hidden_size=self.hidden_size, dropout_rate=self.dropout_rate,
+                     dtype=self.dtype, name="fc")(x, train)
+    layers.sow_feature(self, "fc", x)
+    return classifier_head(self, x)
+
+
+class VGGStage(nn.Module):
+  """3x3 convolutions (+BN) with ReLU, then a 2x2 max pool."""
+  channels: tuple[int, ...]
+  batch_norm: bool
+  norm: Any
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    for j, width in enumerate(self.channels):
+      x = nn.Conv(width, (3, 3), padding=layers.symmetric_padding(1),
+                  dtype=self.dtype, name=f"conv{j + 1}")(x)
+      if self.batch_norm:
+        x = self.norm(name=f"bn{j + 1}")(x, train)
+      x = nn.relu(x)
+    return nn.max_pool(x, (2, 2), (2, 2))
+
+
+class HiddenLayers(nn.Module):
+  """The two wide ReLU layers between the convolutions and the classifier."""
+  hidden_size: int
+  dropout_rate: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    for name in ("dense1", "dense2"):
+      x = nn.relu(nn.Dense(self.hidden_size, dtype=self.dtype, name=name)(x))
+      if self.dropout_rate:
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return x
+
+
+def vgg(depth: int, batch_norm: bool = False, **kwargs):
+  return functools.partial(VGG, stages=VGG_STAGES[depth], batch_norm=batch_norm, **kwargs)
+
+
+keras_vgg16 = vgg(16, dropout_rate=0.0)
+keras_vgg19 = vgg(19, dropout_rate=0.0)
