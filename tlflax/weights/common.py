@@ -134,26 +134,37 @@ def _state_dict_to_numpy(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]
 # Checking and merging
 # ----------------------------------------------------------------------------
 
-def describe_mismatch(converted: Mapping[str, np.ndarray],
-                      expected: Mapping[str, tuple[int, ...]], what: str) -> str | None:
-  """A readable list of missing, unexpected and misshapen variables, or None."""
-  missing = sorted(set(expected) - set(converted))
-  unexpected = sorted(set(converted) - set(expected))
-  misshapen = sorted(k for k in set(expected) & set(converted)
-                     if tuple(np.shape(converted[k])) != tuple(expected[k]))
-  if not (missing or unexpected or misshapen):
-    return None
+def _params_first(keys):
+  return sorted(keys, key=lambda k: (not k.startswith("params/"), k))
+
+
+def format_mismatch(what: str, missing: Iterable[str], unexpected: Iterable[str],
+                    misshapen: Mapping[str, tuple[tuple, tuple]]) -> str:
+  """One readable message: counts per kind of problem, parameters listed first."""
   lines = [f"The weights do not fit {what}:"]
   for title, keys in (("missing from the file", missing),
                       ("in the file but not in the model", unexpected)):
+    keys = _params_first(keys)
     if keys:
       lines.append(f"  {len(keys)} {title}: " + ", ".join(keys[:8])
                    + (" ..." if len(keys) > 8 else ""))
-  for k in misshapen[:8]:
-    lines.append(f"  shape of {k}: file {tuple(np.shape(converted[k]))}, "
-                 f"model {tuple(expected[k])}")
+  for k in _params_first(misshapen)[:8]:
+    lines.append(f"  shape of {k}: file {misshapen[k][0]}, model {misshapen[k][1]}")
   lines.append("Check that the model name matches the architecture the file was saved from.")
   return "\n".join(lines)
+
+
+def describe_mismatch(converted: Mapping[str, np.ndarray],
+                      expected: Mapping[str, tuple[int, ...]], what: str) -> str | None:
+  """A readable list of missing, unexpected and misshapen variables, or None."""
+  missing = set(expected) - set(converted)
+  unexpected = set(converted) - set(expected)
+  misshapen = {k: (tuple(np.shape(converted[k])), tuple(expected[k]))
+               for k in set(expected) & set(converted)
+               if tuple(np.shape(converted[k])) != tuple(expected[k])}
+  if not (missing or unexpected or misshapen):
+    return None
+  return format_mismatch(what, missing, unexpected, misshapen)
 
 
 def check_fits(converted: Mapping[str, np.ndarray], model, what: str) -> None:
@@ -197,7 +208,8 @@ def merge_pretrained(init_variables: Mapping[str, Any], pretrained: Mapping[str,
   """
   reinit = tuple(reinit)
   init_flat, file_flat = flatten(init_variables), flatten(pretrained)
-  loaded, reinitialised, skipped, problems = [], [], [], []
+  loaded, reinitialised, skipped = [], [], []
+  missing, unexpected, misshapen = [], [], {}
   merged = {}
   for key, value in init_flat.items():
     may_reinit = any(re.fullmatch(p, key) for p in reinit)
@@ -208,16 +220,16 @@ def merge_pretrained(init_variables: Mapping[str, Any], pretrained: Mapping[str,
       merged[key] = value
       reinitialised.append(key)
     elif key in file_flat:
-      problems.append(f"shape of {key}: file {np.shape(file_flat[key])}, "
-                      f"model {np.shape(value)}")
+      misshapen[key] = (np.shape(file_flat[key]), np.shape(value))
     else:
-      problems.append(f"{key} is missing from the pretrained weights")
+      missing.append(key)
   for key in file_flat.keys() - init_flat.keys():
     if any(re.fullmatch(p, key) for p in reinit):
       skipped.append(key)
     else:
-      problems.append(f"{key} is in the pretrained weights but not in the model")
-  if problems:
-    raise WeightsError("Pretrained weights do not fit the model:\n  "
-                       + "\n  ".join(sorted(problems)[:20]))
+      unexpected.append(key)
+  if missing or unexpected or misshapen:
+    raise WeightsError(format_mismatch(
+        "the model (only variables matching `reinit` may be re-initialised)",
+        missing, unexpected, misshapen))
   return unflatten(merged), MergeReport(sorted(loaded), sorted(reinitialised), sorted(skipped))
