@@ -120,7 +120,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         **group_norms(grads, freezing, "grad_norm"),
         **group_norms(updates, freezing, "update_norm"),
     }

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tlflax.models import layers, resnet, vgg
+from tlflax.models import keras_resnet, layers, resnet, vgg
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet.resnet18,
@@ -23,6 +23,12 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
     **{f"vgg{d}_bn": vgg.vgg(d, batch_norm=True) for d in (11, 13, 16, 19)},
     "keras_vgg16": vgg.keras_vgg16,
     "keras_vgg19": vgg.keras_vgg19,
+    "keras_resnet50": keras_resnet.keras_resnet50,
+    "keras_resnet101": keras_resnet.keras_resnet101,
+    "keras_resnet152": keras_resnet.keras_resnet152,
+    "keras_resnet50v2": keras_resnet.keras_resnet50v2,
+    "keras_resnet101v2": keras_resnet.keras_resnet101v2,
+    "keras_resnet152v2": keras_resnet.keras_resnet152v2,
 }
 
 

@@ -1,0 +1,208 @@
+"""Runs a pretrained classifier as it is on image files and prints its top guesses.
+
+    python -m tlflax.classify --model resnet50 --weights resnet50.tv2_in1k cat.jpg dog.png
+    python -m tlflax.classify --weights ckpt/resnet50 --top_k 3 photos/*.jpg
+    python -m tlflax.classify --model resnet18 --weights r18.pth --source torchvision \\
+        --class_names my_classes.txt --image_size 160 cat.jpg
+
+`--weights` is a tlflax checkpoint directory, a pretrained id, or a weight
+file. Preprocessing and class names come from the checkpoint's provenance or
+the registry entry (a file is matched to an entry by its name), and can be
+overridden. For a checkpoint or an id `--model` may be left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from tlflax import models, weights
+from tlflax.data import images
+from tlflax.weights import native, pretrained
+from tlflax.weights.common import WeightsError, flatten
+
+BATCH_SIZE = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Guess:
+  """One of a model's top answers for an image."""
+  index: int
+  name: str
+  probability: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Classifier:
+  """Everything `classify` needs, as `load_classifier` finds it."""
+  model_name: str
+  variables: Any
+  preprocessing: images.Preprocessing
+  class_names: list[str] | None
+  description: str
+
+
+def classify(model_name: str, variables: Any, image_paths: Sequence[str | os.PathLike],
+             preprocessing: images.Preprocessing = images.TORCH,
+             class_names: Sequence[str] | None = None, top_k: int = 5,
+             batch_size: int = BATCH_SIZE) -> list[list[Guess]]:
+  """The top-k classes of each image, with softmax probabilities.
+
+  Args:
+    model_name: a name from `tlflax.models.model_names()`.
+    variables: `{"params", "batch_stats"}` with a classifier head.
+    image_paths: image files.
+    preprocessing: how the weights expect images to be prepared.
+    class_names: one name per output class; "class <i>" when None.
+    top_k: how many guesses per image.
+    batch_size: images per forward pass.
+
+  Returns:
+    One list of `Guess`es per image, most probable first.
+
+  Example:
+    >>> variables = tlflax.weights.load("resnet50", "resnet50.tv2_in1k")
+    >>> guesses = classify("resnet50", variables, ["cat.jpg"],
+    ...                    pretrained.get("resnet50.tv2_in1k").preprocessing,
+    ...                    pretrained.class_names("imagenet1k"))
+    >>> guesses[0][0].name
+    'tabby'
+  """
+  head = flatten(variables).get("params/head/kernel")
+  if head is None:
+    raise WeightsError(f"These {model_name} weights have no classifier head; there is "
+                       "nothing to classify with.")
+  num_classes = int(np.shape(head)[-1])
+  if class_names is not None and len(class_names) != num_classes:
+    raise WeightsError(f"The model has {num_classes} classes but {len(class_names)} "
+                       "class names were given.")
+  names = list(class_names) if class_names is not None else [f"class {i}" for i in range(num_classes)]
+  model = models.get_model(model_name, num_classes=num_classes)
+
+  # Variables as an argument, not a closure: XLA would embed them as constants.
+  @jax.jit
+  def probabilities(variables, batch):
+    logits = model.apply(variables, batch, train=False)
+    return jax.nn.softmax(logits.astype(np.float32), axis=-1)
+
+  image_paths = list(image_paths)
+  top_k = max(1, min(top_k, num_classes))
+  results = []
+  for start in range(0, len(image_paths), batch_size):
+    batch = images.preprocess(image_paths[start:start + batch_size], preprocessing)
+    for row in np.asarray(probabilities(variables, batch)):
+      best = np.argsort(-row, kind="stable")[:top_k]
+      results.append([Guess(int(i), names[i], float(row[i])) for i in best])
+  return results
+
+
+def load_classifier(weights_arg: str, model_name: str | None = None,
+                    source: str | None = None) -> Classifier:
+  """Loads weights with the preprocessing and class names that belong to them.
+
+  Args:
+    weights_arg: a tlflax checkpoint directory, a pretrained id, or a file.
+    model_name: the model; optional for a checkpoint or an id.
+    source: the file's framework (only needed for a plain file).
+
+  Returns:
+    A `Classifier`; `class_names` is None when no list is known.
+
+  Example:
+    >>> classifier = load_classifier("ckpt/resnet50")
+    >>> classifier.preprocessing.crop_size
+    224
+  """
+  if os.path.isdir(weights_arg) and source in (None, "tlflax"):
+    provenance = native.read_provenance(weights_arg)
+    model_name = model_name or provenance["model_name"]
+    variables = weights.load(model_name, weights_arg, source="tlflax")
+    preprocessing = images.Preprocessing(**provenance["preprocessing"])
+    names = provenance.get("class_names")
+    description = (f"tlflax checkpoint {weights_arg} "
+                   f"({provenance.get('weight_id') or provenance.get('input_file')})")
+  elif not os.path.exists(weights_arg) and pretrained.is_known(weights_arg):
+    entry = pretrained.get(weights_arg)
+    model_name = model_name or entry.model_name
+    variables = weights.load(model_name, weights_arg, source=source)
+    preprocessing, names, description = entry.preprocessing, entry.class_names, entry.id
+  else:
+    if model_name is None:
+      raise WeightsError(f"Say which model {weights_arg!r} is for with --model.")
+    variables = weights.load(model_name, weights_arg, source=source)
+    entry = pretrained.matching_entry(model_name, weights_arg)
+    head = flatten(variables).get("params/head/kernel")
+    if entry:
+      preprocessing, names = entry.preprocessing, entry.class_names
+    else:
+      preprocessing = pretrained.default_preprocessing(model_name)
+      names = "imagenet1k" if head is not None and head.shape[-1] == 1000 else None
+    description = f"{source} file {weights_arg}" + (f" ({entry.id})" if entry else "")
+  if isinstance(names, str):
+    names = pretrained.class_names(names)
+  return Classifier(model_name, variables, preprocessing, names, description)
+
+
+def read_class_names(path: str | os.PathLike) -> list[str]:
+  """One class name per line (trailing blank lines ignored)."""
+  with open(path, encoding="utf-8") as f:
+    lines = [line.rstrip("\r\n") for line in f]
+  while lines and not lines[-1].strip():
+    lines.pop()
+  return lines
+
+
+def format_guesses(image_path: str, guesses: Sequence[Guess]) -> str:
+  """`cat.jpg` followed by one indented "probability  name" line per guess."""
+  return "\n".join([str(image_path)]
+                   + [f"  {g.probability:7.2%}  {g.name}" for g in guesses])
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog="python -m tlflax.classify",
+      description="Classify images with a pretrained model as it is.")
+  parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+  parser.add_argument("--weights", required=True,
+                      help="tlflax checkpoint directory, pretrained id, or weight file")
+  parser.add_argument("--model", help="tlflax model name (optional for a checkpoint or id)")
+  parser.add_argument("--source", choices=weights.SOURCES, help="framework of a weight file")
+  parser.add_argument("--top_k", type=int, default=5, help="guesses per image")
+  parser.add_argument("--class_names", help="file with one class name per line")
+  parser.add_argument("--image_size", type=int,
+                      help="crop size; the resize size keeps its ratio to it")
+  parser.add_argument("--resize_size", type=int, help="shorter side before the centre crop")
+  return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  try:
+    classifier = load_classifier(args.weights, args.model, args.source)
+    preprocessing = classifier.preprocessing
+    if args.image_size:
+      preprocessing = preprocessing.with_crop_size(args.image_size)
+    if args.resize_size:
+      preprocessing = dataclasses.replace(preprocessing, resize_size=args.resize_size)
+    names = (read_class_names(args.class_names) if args.class_names
+             else classifier.class_names)
+    results = classify(classifier.model_name, classifier.variables, args.images,
+                       preprocessing, names, args.top_k)
+  except (WeightsError, ValueError, OSError) as e:
+    # PIL's UnidentifiedImageError is an OSError: a file that is no image.
+    print(f"tlflax.classify: error: {e}", file=sys.stderr)
+    return 1
+  print(f"{classifier.model_name} with {classifier.description}")
+  for path, guesses in zip(args.images, results):
+    print(format_guesses(path, guesses))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,1 @@
+"""Input data: image files and datasets -> NHWC float32 batches."""

@@ -1,0 +1,241 @@
+"""Image files -> the NHWC float32 batches a pretrained model expects.
+
+Every pretrained model was trained on images prepared in one particular way,
+and it only gives its published accuracy on images prepared the same way.
+`Preprocessing` records that way; `preprocess` applies it:
+
+1. read the file as 8-bit RGB (greyscale, palette, RGBA, CMYK, 16-bit ... too);
+2. resize so the shorter side is `resize_size`, then cut the centre
+   `crop_size` x `crop_size` square (torchvision's `Resize` + `CenterCrop`);
+3. scale the pixels to [0, `value_range`], reorder the channels, and
+   normalise with `mean` and `std`.
+
+The three conventions in use:
+
+    torch  (torchvision, timm): [0, 1], RGB, ImageNet mean/std
+    caffe  (Keras ResNet v1, VGG): [0, 255], BGR, minus the ImageNet mean pixel
+    tf     (Keras ResNet v2): [-1, 1], RGB
+
+    >>> batch = preprocess(["cat.jpg", "dog.png"], TORCH)   # (2, 224, 224, 3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# ImageNet channel statistics of torchvision/timm, on [0, 1] RGB pixels.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The ImageNet mean pixel of the original Caffe models, on [0, 255] BGR pixels
+# (keras.applications.imagenet_utils, mode="caffe").
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+_INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+  """How images are prepared for one set of pretrained weights.
+
+  Attributes:
+    crop_size: side of the square the model sees.
+    resize_size: the shorter side is resized to this before the centre crop.
+    interpolation: "bilinear", "bicubic", "nearest" or "lanczos" (PIL's,
+      which smooths when shrinking, like torchvision on PIL images).
+    value_range: pixels are scaled to [0, value_range] first: 1.0 or 255.0.
+    channel_order: "RGB" or "BGR" (Caffe-trained weights).
+    mean, std: per channel, in `channel_order` and on the `value_range` scale;
+      the result is `(pixels - mean) / std`.
+
+  Example:
+    >>> Preprocessing(crop_size=288, resize_size=288, interpolation="bicubic")
+  """
+  crop_size: int = 224
+  resize_size: int = 256
+  interpolation: str = "bilinear"
+  value_range: float = 1.0
+  channel_order: str = "RGB"
+  mean: tuple[float, float, float] = IMAGENET_MEAN
+  std: tuple[float, float, float] = IMAGENET_STD
+
+  def __post_init__(self):
+    # Tuples even when read back from JSON lists, so instances compare equal.
+    object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+    object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+    if self.interpolation not in _INTERPOLATIONS:
+      raise ValueError(f"Unknown interpolation {self.interpolation!r}; use one of "
+                       f"{sorted(_INTERPOLATIONS)}.")
+    if self.channel_order not in ("RGB", "BGR"):
+      raise ValueError(f"channel_order must be 'RGB' or 'BGR', not {self.channel_order!r}.")
+    if not 0 < self.crop_size <= self.resize_size:
+      raise ValueError(f"Need 0 < crop_size <= resize_size, got crop_size={self.crop_size}, "
+                       f"resize_size={self.resize_size}.")
+    if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+      raise ValueError(f"mean and std need three values (std > 0): {self.mean}, {self.std}.")
+
+  def to_dict(self) -> dict:
+    """A JSON-ready dict; `Preprocessing(**d)` reads it back."""
+    return dataclasses.asdict(self)
+
+  def with_crop_size(self, crop_size: int) -> "Preprocessing":
+    """The same recipe at another size, keeping the resize/crop ratio.
+
+    Example:
+      >>> TORCH.with_crop_size(112).resize_size
+      128
+    """
+    resize_size = int(round(crop_size * self.resize_size / self.crop_size))
+    return dataclasses.replace(self, crop_size=crop_size, resize_size=resize_size)
+
+
+TORCH = Preprocessing()
+CAFFE = Preprocessing(value_range=255.0, channel_order="BGR", mean=CAFFE_MEAN_BGR,
+                      std=(1.0, 1.0, 1.0))
+# (x / 255 - 0.5) / 0.5 is Keras' x / 127.5 - 1.
+TF = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def read_rgb(path: str | os.PathLike, background: tuple[int, int, int] = (255, 255, 255)
+             ) -> np.ndarray:
+  """Reads an image file as an 8-bit RGB array of shape (height, width, 3).
+
+  The EXIF orientation is applied, so a phone photo is upright as a viewer
+  shows it. Transparent images are composited over `background`; 16-bit
+  greyscale is scaled down to 8 bits.
+
+  Args:
+    path: any format PIL reads (JPEG, PNG, BMP, GIF, TIFF, WebP, ...).
+    background: RGB colour behind transparent pixels.
+
+  Returns:
+    uint8 array (H, W, 3).
+
+  Example:
+    >>> read_rgb("scan.png").shape
+    (480, 640, 3)
+  """
+  with Image.open(path) as image:
+    image = ImageOps.exif_transpose(image)
+    return _to_rgb(image, background)
+
+
+def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> np.ndarray:
+  if image.mode == "I" or image.mode.startswith("I;16"):
+    # PIL's convert("L") clips 16-bit values instead of scaling them.
+    pixels = np.asarray(image, dtype=np.float64) / 257.0
+    image = Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8), "L")
+  if image.mode == "P" and "transparency" in image.info:
+    image = image.convert("RGBA")
+  if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+    rgba = image.convert("RGBA")
+    canvas = Image.new("RGBA", rgba.size, tuple(background) + (255,))
+    image = Image.alpha_composite(canvas, rgba)
+  return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def resize_and_center_crop(pixels: np.ndarray, resize_size: int, crop_size: int,
+                           interpolation: str = "bilinear") -> np.ndarray:
+  """Resizes the shorter side to `resize_size` and cuts the centre square.
+
+  Sizes and offsets are computed as torchvision's `Resize(int)` and
+  `CenterCrop` compute them, so the result matches torchvision's pipeline on
+  the same PIL image.
+
+  Args:
+    pixels: uint8 (H, W, 3).
+    resize_size: target length of the shorter side.
+    crop_size: side of the square cut from the centre (<= resize_size).
+    interpolation: "bilinear", "bicubic", "nearest" or "lanczos".
+
+  Returns:
+    uint8 (crop_size, crop_size, 3).
+
+  Example:
+    >>> resize_and_center_crop(np.zeros((300, 400, 3), np.uint8), 256, 224).shape
+    (224, 224, 3)
+  """
+  if crop_size > resize_size:
+    raise ValueError(f"crop_size {crop_size} is larger than resize_size {resize_size}.")
+  height, width = pixels.shape[:2]
+  short, long = min(height, width), max(height, width)
+  new_long = int(resize_size * long / short)
+  new_height, new_width = ((resize_size, new_long) if height <= width
+                           else (new_long, resize_size))
+  image = Image.fromarray(pixels).resize((new_width, new_height), _INTERPOLATIONS[interpolation])
+  resized = np.asarray(image)
+  # Python's round (half to even) is what torchvision's CenterCrop uses.
+  top = int(round((new_height - crop_size) / 2.0))
+  left = int(round((new_width - crop_size) / 2.0))
+  return resized[top:top + crop_size, left:left + crop_size]
+
+
+def normalize(pixels: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
+  """uint8 RGB (..., 3) -> float32 scaled, reordered and normalised.
+
+  Args:
+    pixels: uint8 RGB array, channels last.
+    preprocessing: supplies `value_range`, `channel_order`, `mean` and `std`.
+
+  Returns:
+    float32 array of the same shape.
+
+  Example:
+    >>> normalize(np.full((1, 1, 3), 255, np.uint8), TORCH)  # (1 - mean) / std
+  """
+  x = pixels.astype(np.float32)
+  if preprocessing.value_range != 255.0:
+    x = x / np.float32(255.0 / preprocessing.value_range)
+  if preprocessing.channel_order == "BGR":
+    x = x[..., ::-1]
+  mean = np.asarray(preprocessing.mean, np.float32)
+  std = np.asarray(preprocessing.std, np.float32)
+  return ((x - mean) / std).astype(np.float32)
+
+
+def caffe_normalize(pixels: np.ndarray) -> np.ndarray:
+  """Keras' "caffe" mode: RGB -> BGR, minus the ImageNet mean pixel, no scaling.
+
+  Same as `normalize(pixels, CAFFE)`; kept as its own name because Keras
+  users look for it.
+
+  Example:
+    >>> caffe_normalize(np.zeros((1, 1, 3), np.uint8))[0, 0]
+    array([-103.939, -116.779, -123.68 ], dtype=float32)
+  """
+  return normalize(pixels, CAFFE)
+
+
+def preprocess(paths: str | os.PathLike | Iterable[str | os.PathLike],
+               preprocessing: Preprocessing = TORCH) -> np.ndarray:
+  """Reads image files into one NHWC float32 batch.
+
+  Args:
+    paths: one path or several.
+    preprocessing: the recipe of the weights the batch is for.
+
+  Returns:
+    float32 array (N, crop_size, crop_size, 3).
+
+  Example:
+    >>> preprocess(["a.jpg", "b.png"], CAFFE).shape
+    (2, 224, 224, 3)
+  """
+  if isinstance(paths, (str, os.PathLike)):
+    paths = [paths]
+  crops: Sequence[np.ndarray] = [
+      resize_and_center_crop(read_rgb(p), preprocessing.resize_size,
+                             preprocessing.crop_size, preprocessing.interpolation)
+      for p in paths]
+  if not crops:
+    raise ValueError("No images given.")
+  return normalize(np.stack(crops), preprocessing)

@@ -1,0 +1,469 @@
+"""Known pretrained weights: where to download them, how to check them, how to use them.
+
+An id is `<model name>.<tag>`: the tlflax model name (`tlflax.models.model_names()`)
+and a tag naming who trained the weights, how, and on what, as timm names them:
+
+    resnet50.tv_in1k       torchvision IMAGENET1K_V1 (the original recipe)
+    resnet50.tv2_in1k      torchvision IMAGENET1K_V2 (the 2021 "new recipe")
+    resnet50.a1_in1k       timm, "ResNet strikes back" A1 recipe (a1h: A1 + tweaks)
+    keras_resnet50.in1k    keras.applications (the `keras_` model says who)
+
+    >>> path = fetch("resnet50.tv2_in1k")          # downloaded once, then cached
+    >>> variables = tlflax.weights.load("resnet50", "resnet50.tv2_in1k")
+
+How each file is checked (facts taken from the publishers' own code):
+
+* torchvision names its files `<arch>-<first 8 hex digits of the sha256>.pth`,
+  and `torch.hub` checks exactly that prefix; so do we.
+* keras.applications passes an md5 (32 hex digits) to `keras.utils.get_file`
+  (`WEIGHTS_HASHES` in keras/src/applications/resnet.py, `file_hash=` in
+  vgg16.py / vgg19.py); so we check the full md5.
+* timm's Hugging Face files (`model.safetensors`) have no published hash in
+  the timm package. They are not verified; only a complete download (as long
+  as the server's Content-Length) is kept, and its sha256 is logged so a user
+  can pin it with `register`.
+
+Downloads go to `cache_dir()` (`$TLFLAX_CACHE_DIR`, else `~/.cache/tlflax`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import http.client
+import importlib.resources
+import logging
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from typing import BinaryIO
+
+from tlflax.data.images import CAFFE, TF, TORCH, Preprocessing
+from tlflax.weights.common import WeightsError
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV_VAR = "TLFLAX_CACHE_DIR"
+# Seconds to wait for a connection or for the next bytes. Short on purpose: a
+# machine without internet should hear so at once, not after minutes.
+DOWNLOAD_TIMEOUT_S = 10.0
+_CHUNK_BYTES = 1 << 20
+
+# Class lists shipped inside the package, by key.
+# imagenet_classes.txt: torchvision's `ResNet50_Weights.IMAGENET1K_V1.meta["categories"]`,
+# the 1000 ImageNet-1k classes in the usual (sorted WordNet id) order, which
+# keras.applications and timm use too.
+_CLASS_FILES = {"imagenet1k": "imagenet_classes.txt"}
+
+
+@dataclasses.dataclass(frozen=True)
+class FileHash:
+  """An expected digest of a file: the full hex digest or a leading part of it.
+
+  Attributes:
+    algorithm: "sha256" or "md5" (any `hashlib` name).
+    hex_digest: lowercase hex; a file matches when its digest starts with it.
+    origin: where the value comes from.
+  """
+  algorithm: str
+  hex_digest: str
+  origin: str
+
+  def matches(self, actual_hex_digest: str) -> bool:
+    return actual_hex_digest.lower().startswith(self.hex_digest.lower())
+
+  def __str__(self):
+    complete = len(self.hex_digest) == hashlib.new(self.algorithm).digest_size * 2
+    return f"{self.algorithm} {'' if complete else 'starting with '}{self.hex_digest}"
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedWeights:
+  """One downloadable weight file and everything needed to use it.
+
+  Attributes:
+    id: `<model name>.<tag>`, e.g. "resnet50.tv2_in1k".
+    model_name: the tlflax model the weights are for.
+    source: the converter that reads the file ("torchvision", "timm", "keras").
+    url: where the file is published.
+    file_name: its name in the cache directory.
+    hash: the expected digest, or None where none is published.
+    hash_note: why there is no hash (empty when there is one).
+    preprocessing: how images must be prepared for these weights.
+    class_names: key of the class list (see `class_names`).
+    reported_top1: ImageNet-1k top-1 accuracy (%) the publisher reports, if known.
+  """
+  id: str
+  model_name: str
+  source: str
+  url: str
+  file_name: str
+  hash: FileHash | None
+  preprocessing: Preprocessing
+  hash_note: str = ""
+  class_names: str = "imagenet1k"
+  reported_top1: float | None = None
+
+
+_ENTRIES: dict[str, PretrainedWeights] = {}
+
+
+def register(entry: PretrainedWeights, replace: bool = False) -> None:
+  """Adds an entry (e.g. weights hosted by your own group) to the registry.
+
+  Args:
+    entry: the new entry.
+    replace: allow replacing an entry with the same id.
+
+  Example:
+    >>> register(dataclasses.replace(get("resnet18.tv_in1k"), id="resnet18.mine",
+    ...                              url="https://example.org/r18.pth", file_name="r18.pth"))
+  """
+  if entry.id in _ENTRIES and not replace:
+    raise WeightsError(f"{entry.id!r} is already registered; pass replace=True.")
+  if entry.hash is None and not entry.hash_note:
+    raise WeightsError(f"{entry.id!r}: give a hash, or a hash_note saying why there is none.")
+  _ENTRIES[entry.id] = entry
+
+
+# ----------------------------------------------------------------------------
+# The entries
+# ----------------------------------------------------------------------------
+
+_TORCHVISION_URL = "https://download.pytorch.org/models/"
+_TORCHVISION_HASH_ORIGIN = ("the sha256 prefix in torchvision's file name "
+                            "(what torch.hub checks)")
+
+# (our model name, torchvision file, reported top-1) from the installed
+# torchvision's `*_Weights` enums: IMAGENET1K_V1 is evaluated at 256 -> 224,
+# IMAGENET1K_V2 at 232 -> 224, both bilinear with the ImageNet mean/std.
+_TORCHVISION_V1 = (
+    ("resnet18", "resnet18-f37072fd.pth", 69.758),
+    ("resnet34", "resnet34-b627a593.pth", 73.314),
+    ("resnet50", "resnet50-0676ba61.pth", 76.13),
+    ("resnet101", "resnet101-63fe2227.pth", 77.374),
+    ("resnet152", "resnet152-394f9c45.pth", 78.312),
+    ("wide_resnet50_2", "wide_resnet50_2-95faca4d.pth", 78.468),
+    ("resnext50_32x4d", "resnext50_32x4d-7cdf4587.pth", 77.618),
+    ("vgg11", "vgg11-8a719046.pth", 69.02),
+    ("vgg11_bn", "vgg11_bn-6002323d.pth", 70.37),
+    ("vgg13", "vgg13-19584684.pth", 69.928),
+    ("vgg13_bn", "vgg13_bn-abd245e5.pth", 71.586),
+    ("vgg16", "vgg16-397923af.pth", 71.592),
+    ("vgg16_bn", "vgg16_bn-6c64b313.pth", 73.36),
+    ("vgg19", "vgg19-dcbb9e9d.pth", 72.376),
+    ("vgg19_bn", "vgg19_bn-c79401a0.pth", 74.218),
+)
+_TORCHVISION_V2 = (
+    ("resnet50", "resnet50-11ad3fa6.pth", 80.858),
+    ("resnet101", "resnet101-cd907fc2.pth", 81.886),
+    ("resnet152", "resnet152-f82ba261.pth", 82.284),
+    ("wide_resnet50_2", "wide_resnet50_2-9ba9bcbe.pth", 81.602),
+    ("resnext50_32x4d", "resnext50_32x4d-1a0047aa.pth", 81.198),
+)
+
+
+def _torchvision_entries():
+  for tag, table, resize_size in (("tv_in1k", _TORCHVISION_V1, 256),
+                                  ("tv2_in1k", _TORCHVISION_V2, 232)):
+    for model_name, file_name, top1 in table:
+      sha256_prefix = file_name.rsplit("-", 1)[1].split(".")[0]
+      yield PretrainedWeights(
+          id=f"{model_name}.{tag}", model_name=model_name, source="torchvision",
+          url=_TORCHVISION_URL + file_name, file_name=file_name,
+          hash=FileHash("sha256", sha256_prefix, _TORCHVISION_HASH_ORIGIN),
+          preprocessing=dataclasses.replace(TORCH, resize_size=resize_size),
+          reported_top1=top1)
+
+
+_KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
+_KERAS_HASH_ORIGIN = "the md5 keras.applications passes to keras.utils.get_file"
+# (our model name, path under _KERAS_URL, md5, preprocessing). Keras' ResNet
+# v1 and VGG expect "caffe" inputs, ResNet v2 "tf" inputs (their
+# `preprocess_input`). Keras prescribes no resize/crop; we use the usual
+# 256 -> 224 centre crop.
+_KERAS = (
+    ("keras_resnet50", "resnet/resnet50_weights_tf_dim_ordering_tf_kernels.h5",
+     "2cb95161c43110f7111970584f804107", CAFFE),
+    ("keras_resnet101", "resnet/resnet101_weights_tf_dim_ordering_tf_kernels.h5",
+     "f1aeb4b969a6efcfb50fad2f0c20cfc5", CAFFE),
+    ("keras_resnet152", "resnet/resnet152_weights_tf_dim_ordering_tf_kernels.h5",
+     "100835be76be38e30d865e96f2aaae62", CAFFE),
+    ("keras_resnet50v2", "resnet/resnet50v2_weights_tf_dim_ordering_tf_kernels.h5",
+     "3ef43a0b657b3be2300d5770ece849e0", TF),
+    ("keras_resnet101v2", "resnet/resnet101v2_weights_tf_dim_ordering_tf_kernels.h5",
+     "6343647c601c52e1368623803854d971", TF),
+    ("keras_resnet152v2", "resnet/resnet152v2_weights_tf_dim_ordering_tf_kernels.h5",
+     "a49b44d1979771252814e80f8ec446f9", TF),
+    ("keras_vgg16", "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels.h5",
+     "64373286793e3c8b2b4e3219cbf3544b", CAFFE),
+    ("keras_vgg19", "vgg19/vgg19_weights_tf_dim_ordering_tf_kernels.h5",
+     "cbe5617147190e668d6c5d5026f83318", CAFFE),
+)
+
+
+def _keras_entries():
+  for model_name, path, md5, preprocessing in _KERAS:
+    yield PretrainedWeights(
+        id=f"{model_name}.in1k", model_name=model_name, source="keras",
+        url=_KERAS_URL + path, file_name=path.rsplit("/", 1)[1],
+        hash=FileHash("md5", md5, _KERAS_HASH_ORIGIN), preprocessing=preprocessing)
+
+
+_TIMM_NO_HASH = ("timm publishes no hash for its Hugging Face safetensors files; "
+                 "only a complete download is kept, and its sha256 is logged")
+# timm's pretrained_cfg for these tags: 224 px at crop_pct 0.95 (resize to
+# floor(224 / 0.95) = 235), bicubic, ImageNet mean/std.
+_TIMM_A1 = Preprocessing(crop_size=224, resize_size=235, interpolation="bicubic")
+_TIMM_IDS = ("resnet18.a1_in1k", "resnet34.a1_in1k", "resnet50.a1_in1k",
+             "resnet101.a1h_in1k", "resnet152.a1h_in1k", "resnext50_32x4d.a1h_in1k")
+
+
+def _timm_entries():
+  for timm_name in _TIMM_IDS:
+    yield PretrainedWeights(
+        id=timm_name, model_name=timm_name.split(".")[0], source="timm",
+        url=f"https://huggingface.co/timm/{timm_name}/resolve/main/model.safetensors",
+        # Every timm file is called model.safetensors; the id keeps them apart.
+        file_name=f"{timm_name}.safetensors", hash=None, hash_note=_TIMM_NO_HASH,
+        preprocessing=_TIMM_A1)
+
+
+# torchvision first: `default_preprocessing` takes a model's first entry.
+for _entry in (*_torchvision_entries(), *_keras_entries(), *_timm_entries()):
+  register(_entry)
+
+
+# ----------------------------------------------------------------------------
+# Looking entries up
+# ----------------------------------------------------------------------------
+
+def list_ids(model_name: str | None = None, source: str | None = None) -> list[str]:
+  """Known ids, optionally only those for one model or one source.
+
+  Example:
+    >>> list_ids("resnet50")
+    ['resnet50.a1_in1k', 'resnet50.tv2_in1k', 'resnet50.tv_in1k']
+  """
+  return sorted(i for i, e in _ENTRIES.items()
+                if model_name in (None, e.model_name) and source in (None, e.source))
+
+
+def is_known(weight_id: str) -> bool:
+  """Whether `weight_id` names a registry entry (and not, say, a local file)."""
+  return isinstance(weight_id, str) and weight_id in _ENTRIES
+
+
+def get(weight_id: str) -> PretrainedWeights:
+  """The entry for `weight_id`.
+
+  Raises:
+    WeightsError: an unknown id, listing the closest known ones.
+
+  Example:
+    >>> get("resnet50.tv2_in1k").url
+    'https://download.pytorch.org/models/resnet50-11ad3fa6.pth'
+  """
+  if weight_id in _ENTRIES:
+    return _ENTRIES[weight_id]
+  model = str(weight_id).split(".")[0]
+  close = difflib.get_close_matches(str(weight_id), list(_ENTRIES), n=5, cutoff=0.6)
+  close += [i for i in list_ids(model) if i not in close]
+  hint = (f" Did you mean {', '.join(close)}?" if close
+          else " See tlflax.weights.pretrained.list_ids().")
+  raise WeightsError(f"Unknown pretrained weights {weight_id!r}.{hint}")
+
+
+def matching_entry(model_name: str, path: str | os.PathLike) -> PretrainedWeights | None:
+  """The entry whose published file `path` is, judged by its file name.
+
+  Lets a file downloaded by hand (e.g. torch.hub's `resnet50-0676ba61.pth`)
+  find its preprocessing and class names.
+  """
+  name = os.path.basename(os.fspath(path))
+  for entry in _ENTRIES.values():
+    if entry.model_name == model_name and entry.file_name == name:
+      return entry
+  return None
+
+
+def default_preprocessing(model_name: str) -> Preprocessing:
+  """The preprocessing of the model's first registered weights, else torchvision's.
+
+  Example:
+    >>> default_preprocessing("keras_vgg16").channel_order
+    'BGR'
+  """
+  for entry in _ENTRIES.values():
+    if entry.model_name == model_name:
+      return entry.preprocessing
+  return TORCH
+
+
+def class_names(key: str) -> list[str]:
+  """A class list shipped with tlflax, e.g. `class_names("imagenet1k")[0] == "tench"`."""
+  if key not in _CLASS_FILES:
+    raise WeightsError(f"Unknown class list {key!r}; known: {', '.join(sorted(_CLASS_FILES))}.")
+  text = importlib.resources.files("tlflax.weights").joinpath(_CLASS_FILES[key]).read_text(
+      encoding="utf-8")
+  return text.splitlines()
+
+
+# ----------------------------------------------------------------------------
+# The download cache
+# ----------------------------------------------------------------------------
+
+def cache_dir() -> str:
+  """Where downloads are kept: `$TLFLAX_CACHE_DIR`, else `~/.cache/tlflax`."""
+  return os.path.expanduser(os.environ.get(CACHE_ENV_VAR) or os.path.join("~", ".cache", "tlflax"))
+
+
+def _cache_dir_or_default(directory: str | os.PathLike | None) -> str:
+  return os.path.expanduser(os.fspath(directory)) if directory else cache_dir()
+
+
+def cached_path(weight_id: str, cache_dir: str | os.PathLike | None = None) -> str:  # pylint: disable=redefined-outer-name
+  """Where `fetch` keeps (or looks for) the file of `weight_id`.
+
+  Example:
+    >>> cached_path("resnet18.tv_in1k", "/data/weights")
+    '/data/weights/resnet18-f37072fd.pth'
+  """
+  return os.path.join(_cache_dir_or_default(cache_dir), get(weight_id).file_name)
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+  """Hex digest of a file, read in chunks.
+
+  Example:
+    >>> file_digest("resnet18-f37072fd.pth")[:8]
+    'f37072fd'
+  """
+  digest = hashlib.new(algorithm)
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(_CHUNK_BYTES), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def fetch(weight_id: str, cache_dir: str | os.PathLike | None = None,  # pylint: disable=redefined-outer-name
+          timeout: float = DOWNLOAD_TIMEOUT_S, progress: bool | None = None) -> str:
+  """Returns the local path of a known weight file, downloading it if needed.
+
+  A cached file is used when its hash verifies (a file with the wrong hash is
+  downloaded again). A download goes to a hidden temporary file beside the
+  target and is renamed into place only once complete and verified, so an
+  interrupted or corrupted download never leaves a file that looks complete.
+
+  Args:
+    weight_id: a registry id, e.g. "resnet50.tv_in1k".
+    cache_dir: where to keep the file; `cache_dir()` by default.
+    timeout: seconds to wait for the server before giving up (no retries).
+    progress: show a progress bar; by default only on a terminal.
+
+  Returns:
+    The path of the verified file.
+
+  Raises:
+    WeightsError: unknown id; download impossible (naming the URL and the
+      path where the file can be put by hand); incomplete download; hash
+      mismatch (naming the expected and actual hash).
+
+  Example:
+    >>> fetch("resnet18.tv_in1k")
+    '/home/me/.cache/tlflax/resnet18-f37072fd.pth'
+  """
+  entry = get(weight_id)
+  target = cached_path(weight_id, cache_dir)
+  stale_reason = ""
+  if os.path.isfile(target):
+    actual = _hash_of(target, entry)
+    if actual is None or entry.hash.matches(actual):
+      return target
+    stale_reason = (f"The file already at {target} has {entry.hash.algorithm} {actual}, "
+                    f"not the expected {entry.hash}. ")
+    logger.warning("%sDownloading it again.", stale_reason)
+  _download(entry, target, timeout, progress, stale_reason)
+  return target
+
+
+def _hash_of(path: str, entry: PretrainedWeights) -> str | None:
+  return None if entry.hash is None else file_digest(path, entry.hash.algorithm)
+
+
+def _download(entry: PretrainedWeights, target: str, timeout: float,
+              progress: bool | None, stale_reason: str) -> None:
+  """Downloads `entry.url` to `target` via a temporary file; see `fetch`."""
+  directory = os.path.dirname(target)
+  try:
+    os.makedirs(directory, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=directory, prefix=f".{entry.file_name}.",
+                                       suffix=".part")
+  except OSError as e:
+    raise WeightsError(f"Cannot write to the download cache {directory}: {e}. Set "
+                       f"${CACHE_ENV_VAR} to a writable folder.") from e
+  try:
+    with os.fdopen(handle, "wb") as out:
+      digests = _copy_url(entry, target, out, timeout, progress, stale_reason)
+    if entry.hash is not None:
+      actual = digests[entry.hash.algorithm]
+      if not entry.hash.matches(actual):
+        raise WeightsError(
+            f"Hash mismatch for {entry.url}: expected {entry.hash}, got "
+            f"{entry.hash.algorithm} {actual}. The download was deleted; the file "
+            "on the server may have changed, or the transfer was corrupted.")
+    else:
+      logger.warning("%s is not verified (%s); its sha256 is %s.", entry.id,
+                     entry.hash_note, digests["sha256"])
+    os.replace(partial, target)
+  except BaseException:  # KeyboardInterrupt included: never leave the partial file
+    if os.path.exists(partial):
+      os.remove(partial)
+    raise
+
+
+def _copy_url(entry: PretrainedWeights, target: str, out: BinaryIO, timeout: float,
+              progress: bool | None, stale_reason: str) -> dict[str, str]:
+  """Streams the URL into `out`; returns the hex digests of what was written."""
+  import tqdm  # pylint: disable=import-outside-toplevel
+
+  algorithms = {"sha256"} | ({entry.hash.algorithm} if entry.hash else set())
+  digests = {a: hashlib.new(a) for a in algorithms}
+
+  def failure(reason) -> WeightsError:
+    expectation = f" (it must have {entry.hash})" if entry.hash else ""
+    return WeightsError(
+        f"{stale_reason}Could not download {entry.id} from {entry.url}: {reason}. "
+        f"Without internet access, download that URL elsewhere and put the file "
+        f"at {target}{expectation}; set ${CACHE_ENV_VAR} to use another folder.")
+
+  try:
+    response = urllib.request.urlopen(entry.url, timeout=timeout)  # pylint: disable=consider-using-with
+  except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
+    # An HTTPError says more as a whole ("HTTP Error 404: Not Found").
+    reason = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
+    raise failure(reason) from e
+  with response:
+    length = response.headers.get("Content-Length")
+    expected_bytes = int(length) if length and length.isdigit() else None
+    received = 0
+    with tqdm.tqdm(total=expected_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                   desc=entry.file_name, disable=None if progress is None else not progress,
+                   leave=False) as bar:
+      while True:
+        try:
+          chunk = response.read(_CHUNK_BYTES)
+        except (OSError, http.client.HTTPException) as e:
+          raise failure(f"the transfer broke off after {received} bytes ({e})") from e
+        if not chunk:
+          break
+        out.write(chunk)  # a full disk raises its own, clear OSError
+        for digest in digests.values():
+          digest.update(chunk)
+        received += len(chunk)
+        bar.update(len(chunk))
+  if expected_bytes is not None and received != expected_bytes:
+    raise failure(f"the transfer ended after {received} of {expected_bytes} bytes")
+  return {a: d.hexdigest() for a, d in digests.items()}
