@@ -102,3 +102,25 @@ def test_real_cifar_weights(depth):
     expected = reference(torch.from_numpy(images[subset].transpose(0, 3, 1, 2))).numpy()
   assert relative_error(logits[subset], expected) < 1e-4
   assert np.array_equal(logits[subset].argmax(-1), expected.argmax(-1))
+
+
+def test_registry_verifies_the_real_files(tmp_path, monkeypatch):
+  """The registry's sha256 digests are those of the real files: a file placed
+  in the cache by hand is accepted and loads by id, a corrupted one is not."""
+  from tlflax.weights import pretrained  # pylint: disable=import-outside-toplevel
+
+  source = shared_data("cifar10-resnets", FILES[20])
+  monkeypatch.setenv("TLFLAX_CACHE_DIR", str(tmp_path))
+  entry = pretrained.get("cifar_resnet20.akamaster_c10")
+  (tmp_path / entry.file_name).write_bytes(source.read_bytes())
+  variables = weights.load("cifar_resnet20", "cifar_resnet20.akamaster_c10")
+  direct = weights.load("cifar_resnet20", source, source="torchvision")
+  assert jax.tree.all(jax.tree.map(np.array_equal, variables, direct))
+  assert pretrained.class_names(entry.class_names)[3] == "cat"
+
+  corrupted = bytearray(source.read_bytes())
+  corrupted[-1] ^= 1
+  (tmp_path / entry.file_name).write_bytes(bytes(corrupted))
+  monkeypatch.setattr(pretrained, "DOWNLOAD_TIMEOUT_S", 0.5)
+  with pytest.raises(weights.WeightsError):
+    weights.load("cifar_resnet20", "cifar_resnet20.akamaster_c10")

@@ -212,6 +212,9 @@ def test_keras_vgg_without_top(vgg16_notop_files):
   paths, _, images, expected = vgg16_notop_files
   variables = load_all_layouts("keras_vgg16", paths, last_stage="stage5")
   assert "fc" not in variables["params"] and "head" not in variables["params"]
+  # load() recognises the missing top by itself.
+  automatic = weights.load("keras_vgg16", paths["keras3"], source="keras")
+  assert jax.tree.all(jax.tree.map(np.array_equal, automatic, variables))
   model = models.get_model("keras_vgg16", num_classes=None, last_stage="stage5")
   assert relative_error(model.apply(variables, images, train=False), expected) < TOLERANCE
   actual, _ = model.apply(variables, images, train=True, mutable=["batch_stats"])

@@ -116,3 +116,14 @@ def test_merge_refuses_backbone_mismatch(resnet18_file):
   fresh = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   with pytest.raises(WeightsError, match="80 missing from the file: .*params/stage1/block3/conv1/kernel"):
     weights.merge_pretrained(fresh, pretrained)
+
+
+def test_registry_id_of_another_model_fails_before_any_download(monkeypatch):
+  from tlflax.weights import pretrained  # pylint: disable=import-outside-toplevel
+
+  def no_download(*args, **kwargs):
+    raise AssertionError("must not download")
+
+  monkeypatch.setattr(pretrained, "fetch", no_download)
+  with pytest.raises(WeightsError, match="holds weights for 'resnet18', not 'resnet50'"):
+    weights.load("resnet50", "resnet18.tv_in1k")

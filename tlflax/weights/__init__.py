@@ -47,8 +47,9 @@ def load(model_name: str, path: str | os.PathLike, source: str | None = None,
       downloaded into the cache and verified first.
     source: "torchvision", "timm", "keras" or "tlflax"; may be left out for a
       registry id, whose entry names its source.
-    **model_options: options of the model the weights must fit (e.g.
-      `last_stage` is not one: weights are always for the whole model).
+    **model_options: options of the model the weights must fit. A VGG file
+      without its dense layers (Keras `include_top=False`) is read as
+      `last_stage="stage5"`.
 
   Returns:
     `{"params": ..., "batch_stats": ...}` shaped exactly like `model.init` of
@@ -66,6 +67,10 @@ def load(model_name: str, path: str | os.PathLike, source: str | None = None,
     from tlflax.weights import pretrained  # pylint: disable=import-outside-toplevel
     if pretrained.is_known(path):
       entry = pretrained.get(path)
+      if entry.model_name != model_name:
+        raise WeightsError(f"{path!r} holds weights for {entry.model_name!r}, not "
+                           f"{model_name!r}; pick an id of {model_name!r} "
+                           f"(tlflax.weights.pretrained.list_ids()).")
       if source not in (None, entry.source):
         raise WeightsError(f"{path!r} is {entry.source} weights, not {source}.")
       source, path = entry.source, pretrained.fetch(path)
@@ -76,6 +81,11 @@ def load(model_name: str, path: str | os.PathLike, source: str | None = None,
     raise WeightsError(f"Unknown weight source {source!r}; use one of {', '.join(SOURCES)}.")
   flat = convert_to_flat(model_name, path, source)
   head = flat.get("params/head/kernel")
+  if head is None and "fc" in getattr(models.get_model(model_name), "stage_names", ()):
+    if not any(k.startswith("params/fc/") for k in flat):
+      # A VGG saved without its top (Keras include_top=False) also lacks the
+      # hidden dense layers: it is the convolution stages alone.
+      model_options.setdefault("last_stage", "stage5")
   model = models.get_model(model_name, num_classes=None if head is None else head.shape[-1],
                            **model_options)
   check_fits(flat, model, f"model {model_name!r} (from {source} file {path!r})")

@@ -55,7 +55,7 @@ _CHUNK_BYTES = 1 << 20
 # imagenet_classes.txt: torchvision's `ResNet50_Weights.IMAGENET1K_V1.meta["categories"]`,
 # the 1000 ImageNet-1k classes in the usual (sorted WordNet id) order, which
 # keras.applications and timm use too.
-_CLASS_FILES = {"imagenet1k": "imagenet_classes.txt"}
+_CLASS_FILES = {"imagenet1k": "imagenet_classes.txt", "cifar10": "cifar10_classes.txt"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +93,7 @@ class PretrainedWeights:
     hash_note: why there is no hash (empty when there is one).
     preprocessing: how images must be prepared for these weights.
     class_names: key of the class list (see `class_names`).
-    reported_top1: ImageNet-1k top-1 accuracy (%) the publisher reports, if known.
+    reported_top1: top-1 accuracy (%) the publisher reports on its dataset, if known.
   """
   id: str
   model_name: str
@@ -231,8 +231,34 @@ def _timm_entries():
         preprocessing=_TIMM_A1)
 
 
+# The CIFAR-10 ResNets of akamaster/pytorch_resnet_cifar10 (BSD-2): legacy
+# DataParallel pickles read by the torchvision converter. Their full sha256
+# digests were measured on the published files; the file names end with the
+# first 8 digits. Inputs are 32x32 RGB in [0, 1], ImageNet mean/std.
+_CIFAR_URL = ("https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/"
+              "pretrained_models/")
+_CIFAR = (
+    (20, "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8", 91.73),
+    (32, "d509ac1820d7f25398913559d7e81a13229b1e7adc5648e3bfa5e22dc137f850", 92.63),
+    (44, "014dd6541728a1c700b1642ab640e211dc6eb8ed507d70697458dc8f8a0ae2e4", 93.10),
+    (56, "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367", 93.39),
+)
+
+
+def _cifar_entries():
+  for depth, sha256, top1 in _CIFAR:
+    file_name = f"resnet{depth}-{sha256[:8]}.th"
+    yield PretrainedWeights(
+        id=f"cifar_resnet{depth}.akamaster_c10", model_name=f"cifar_resnet{depth}",
+        source="torchvision", url=_CIFAR_URL + file_name, file_name=file_name,
+        hash=FileHash("sha256", sha256, "measured on the published file"),
+        preprocessing=Preprocessing(crop_size=32, resize_size=32),
+        class_names="cifar10", reported_top1=top1)
+
+
 # torchvision first: `default_preprocessing` takes a model's first entry.
-for _entry in (*_torchvision_entries(), *_keras_entries(), *_timm_entries()):
+for _entry in (*_torchvision_entries(), *_keras_entries(), *_timm_entries(),
+               *_cifar_entries()):
   register(_entry)
 
 
