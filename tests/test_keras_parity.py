@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from keras.src import backend as keras_backend
 
-from conftest import relative_error
+from conftest import float32_conditioning, relative_error
 from tlflax import models, weights
 from tlflax.weights import WeightsError, common
 
@@ -165,7 +165,8 @@ def test_keras_resnet_parity(name, tmp_path, monkeypatch):
 
   expected = keras_train_mode(reference, images, monkeypatch)
   actual, state = model.apply(variables, images, train=True, mutable=["batch_stats"])
-  assert relative_error(actual, expected) < TOLERANCE
+  bound = max(TOLERANCE, 1.5 * float32_conditioning(model, variables, images))
+  assert relative_error(actual, expected) < bound
 
   # Keras has now updated its moving statistics from the same batch.
   reference.save_weights(tmp_path / "after.weights.h5")

@@ -123,3 +123,27 @@ def test_adaptive_avg_pool_matches_pytorch(size, out):
       torch.from_numpy(x.transpose(0, 3, 1, 2)), (out, out)).numpy().transpose(0, 2, 3, 1)
   np.testing.assert_allclose(layers.adaptive_avg_pool(jnp.asarray(x), (out, out)),
                              expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("size, kernel, stride, padding", [
+    (2, 3, 1, 1), (1, 3, 1, 1), (4, 3, 2, 1), (3, 1, 1, 0), (4, 1, 2, 0), (7, 7, 2, 3),
+    (16, 3, 1, 1)])  # the last one is big enough to keep XLA's convolution
+def test_small_map_conv_equals_xla_convolution(size, kernel, stride, padding):
+  rng = np.random.RandomState(size + kernel)
+  x = jnp.asarray(rng.randn(2, size, size, 8), jnp.float32)
+  w = jnp.asarray(rng.randn(kernel, kernel, 8, 5), jnp.float32)
+  pads = ((padding, padding), (padding, padding))
+  numbers = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+
+  def ours(x, w):
+    return layers.small_map_conv(x, w, (stride, stride), pads, dimension_numbers=numbers)
+
+  def xla(x, w):
+    return jax.lax.conv_general_dilated(x, w, (stride, stride), pads,
+                                        dimension_numbers=numbers)
+
+  np.testing.assert_allclose(ours(x, w), xla(x, w), rtol=1e-5, atol=1e-5)
+  grads = [jax.grad(lambda x, w, f=f: jnp.sum(jnp.sin(f(x, w))), argnums=(0, 1))(x, w)
+           for f in (ours, xla)]
+  for a, b in zip(*grads):  # summation order differs: bound relative to the scale
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * float(np.max(np.abs(b))))

@@ -232,7 +232,8 @@ def test_every_entry_is_complete_and_usable():
     assert e.hash is not None or e.hash_note, e.id
     if e.hash is not None:
       assert e.hash.algorithm in ("sha256", "md5") and int(e.hash.hex_digest, 16) >= 0, e.id
-    assert len(pretrained.class_names(e.class_names)) == 1000
+    expected_classes = 10 if e.class_names == "cifar10" else 1000
+    assert len(pretrained.class_names(e.class_names)) == expected_classes, e.id
 
 
 def test_imagenet_class_names_ship_with_the_package():

@@ -1,1 +1,5 @@
 """Input data: image files and datasets -> NHWC float32 batches."""
+
+from tlflax.data.pipeline import Dataset, build
+
+__all__ = ["Dataset", "build"]

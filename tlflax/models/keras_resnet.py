@@ -188,7 +188,7 @@ class KerasResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     # Keras' Conv2D has a bias unless told otherwise; v2 turns some off.
-    conv = functools.partial(nn.Conv, use_bias=True, padding="VALID", dtype=self.dtype)
+    conv = functools.partial(layers.Conv, use_bias=True, padding="VALID", dtype=self.dtype)
     norm = functools.partial(layers.BatchNorm, momentum=self.bn_momentum,
                              epsilon=self.bn_epsilon, dtype=self.dtype,
                              frozen_patterns=self.frozen_batchnorm)

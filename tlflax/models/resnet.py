@@ -145,7 +145,7 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+    conv = functools.partial(layers.Conv, use_bias=False, dtype=self.dtype,
                              padding="VALID")
     norm = functools.partial(layers.BatchNorm, momentum=self.bn_momentum,
                              epsilon=self.bn_epsilon, dtype=self.dtype,

@@ -91,7 +91,7 @@ class VGGStage(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     for j, width in enumerate(self.channels):
-      x = nn.Conv(width, (3, 3), padding=layers.symmetric_padding(1),
+      x = layers.Conv(width, (3, 3), padding=layers.symmetric_padding(1),
                   dtype=self.dtype, name=f"conv{j + 1}")(x)
       if self.batch_norm:
         x = self.norm(name=f"bn{j + 1}")(x, train)

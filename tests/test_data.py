@@ -1,0 +1,366 @@
+"""The input pipeline: determinism, exact resume, process sharding, sources, offline errors."""
+
+import hashlib
+import os
+import threading
+import time
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from conftest import shared_data
+from tlflax import data, defaults
+from tlflax.data import digits, pipeline, sources, transforms
+
+
+def data_config(**overrides):
+  config = defaults.base_config().data
+  for key, value in overrides.items():
+    setattr(config, key, value)
+  return config
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+  """Both digits tasks prepared once (TFRecord, as `build` prepares them)."""
+  path = str(tmp_path_factory.mktemp("tfds"))
+  for task in digits.CONFIG_NAMES:
+    digits.prepare(task, path)
+  return path
+
+
+def digits_config(digits_dir, **overrides):
+  return data_config(source="digits", name="source", data_dir=digits_dir, **overrides)
+
+
+def all_batches(dataset, epoch=0, start_batch=0):
+  return list(dataset.batches(epoch=epoch, start_batch=start_batch))
+
+
+def assert_batches_equal(first, second):
+  assert len(first) == len(second)
+  for a, b in zip(first, second):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+def image_hashes(images):
+  return {hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest() for image in images}
+
+
+# ---------------------------------------------------------------- digits builder
+
+
+def test_digits_tasks_have_expected_classes_and_shapes(digits_dir):
+  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  all_targets = load_digits().target
+  arrays = {}
+  for task, task_digits in (("source", range(5)), ("target", range(5, 10))):
+    builder = tfds.builder(f"tlflax_digits/{task}", data_dir=digits_dir)
+    assert builder.info.features["label"].names == [str(d) for d in task_digits]
+    splits = {s: tfds.as_numpy(builder.as_dataset(split=s, batch_size=-1))
+              for s in ("train", "test")}
+    counts = sum(np.bincount(splits[s]["label"], minlength=5) for s in splits)
+    np.testing.assert_array_equal(counts, [np.sum(all_targets == d) for d in task_digits])
+    for split in splits.values():
+      assert split["image"].shape[1:] == (32, 32, 3) and split["image"].dtype == np.uint8
+      # Grey copied into every channel.
+      np.testing.assert_array_equal(split["image"][..., 0], split["image"][..., 2])
+    # Stratified: every class has about 20% of its examples in test.
+    test_share = np.bincount(splits["test"]["label"], minlength=5) / counts
+    np.testing.assert_allclose(test_share, 0.2, atol=0.01)
+    arrays[task] = np.concatenate([splits["train"]["image"], splits["test"]["image"]])
+  # Different digits: no image appears in both tasks.
+  assert not image_hashes(arrays["source"]) & image_hashes(arrays["target"])
+
+
+def test_digits_prepare_is_safe_from_two_threads_at_once(tmp_path):
+  errors = []
+
+  def prepare():
+    try:
+      digits.prepare("target", str(tmp_path))
+    except Exception as error:  # pylint: disable=broad-except
+      errors.append(error)
+
+  threads = [threading.Thread(target=prepare) for _ in range(2)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  assert not errors
+  dataset = data.build(data_config(source="digits", name="target", data_dir=str(tmp_path)),
+                       split="eval", training=False, global_batch_size=64)
+  assert dataset.num_examples == 179 and dataset.class_names == ("5", "6", "7", "8", "9")
+
+
+# ---------------------------------------------------------------- determinism and resume
+
+
+def test_same_seed_same_batches_other_seed_or_epoch_other_batches(digits_dir):
+  config = digits_config(digits_dir)
+  first = data.build(config, "train", training=True, global_batch_size=64, seed=3)
+  again = data.build(config, "train", training=True, global_batch_size=64, seed=3)
+  other_seed = data.build(config, "train", training=True, global_batch_size=64, seed=4)
+  assert first.steps_per_epoch == 721 // 64
+  assert_batches_equal(all_batches(first, epoch=1), all_batches(again, epoch=1))
+  assert not np.array_equal(first.batch(1, 0)["label"], other_seed.batch(1, 0)["label"])
+  assert not np.array_equal(first.batch(1, 0)["label"], first.batch(2, 0)["label"])
+  # An epoch sees distinct examples, the remainder dropped.
+  images = np.concatenate([b["image"] for b in all_batches(first)])
+  assert images.shape == (first.steps_per_epoch * 64, 32, 32, 3)
+
+
+def test_resume_from_start_batch_yields_the_rest_of_the_epoch(digits_dir):
+  config = digits_config(digits_dir, augment="random_resized_crop")
+  dataset = data.build(config, "train", training=True, global_batch_size=32, seed=7)
+  uninterrupted = all_batches(dataset, epoch=2)
+  assert_batches_equal(all_batches(dataset, epoch=2, start_batch=5), uninterrupted[5:])
+  # A fresh object (a restarted job) resumes the same way.
+  restarted = data.build(config, "train", training=True, global_batch_size=32, seed=7)
+  assert_batches_equal(all_batches(restarted, epoch=2, start_batch=21), uninterrupted[21:])
+  # Stopping early (the prefetching generator is closed) leaves nothing behind.
+  for step, _ in enumerate(dataset.batches(epoch=2)):
+    if step == 1:
+      break
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_process_parts_concatenate_to_the_single_process_batch(digits_dir, training):
+  config = digits_config(digits_dir)
+  split = "train" if training else "eval"
+  single = data.build(config, split, training=training, global_batch_size=48, seed=1)
+  parts = [data.build(config, split, training=training, global_batch_size=48, seed=1,
+                      process_index=p, process_count=2) for p in range(2)]
+  assert all(p.steps_per_epoch == single.steps_per_epoch for p in parts)
+  assert all(p.num_examples == single.num_examples for p in parts)
+  for step in (0, single.steps_per_epoch - 1):
+    whole = single.batch(3, step)
+    halves = [part.batch(3, step) for part in parts]
+    assert halves[0]["image"].shape[0] == 24
+    for key in whole:
+      np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), whole[key])
+
+
+def test_batch_size_must_divide_over_processes(digits_dir):
+  with pytest.raises(ValueError, match="multiple of the process count"):
+    data.build(digits_config(digits_dir), "train", training=True, global_batch_size=33,
+               process_index=0, process_count=2)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def test_eval_pads_the_last_batch_and_sees_every_example_once(digits_dir):
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  config = digits_config(digits_dir)
+  dataset = data.build(config, "eval", training=False, global_batch_size=64)
+  batches = all_batches(dataset)
+  assert dataset.num_examples == 180 and dataset.steps_per_epoch == 3
+  assert all(b["image"].shape == (64, 32, 32, 3) for b in batches)
+  mask = np.concatenate([b["mask"] for b in batches])
+  np.testing.assert_array_equal(mask, np.arange(192) < 180)
+  # In order, each example once: the masked rows are the test split itself.
+  expected = tfds.as_numpy(tfds.builder("tlflax_digits/source", data_dir=digits_dir)
+                           .as_dataset(split="test", batch_size=-1))
+  labels = np.concatenate([b["label"] for b in batches])[:180]
+  np.testing.assert_array_equal(labels, expected["label"])
+  images = np.concatenate([b["image"] for b in batches])[:180]
+  mean, std = np.asarray(config.mean), np.asarray(config.std)
+  np.testing.assert_allclose(images, (expected["image"] / 255.0 - mean) / std, atol=1e-5)
+
+
+# ---------------------------------------------------------------- few-shot subsets
+
+
+def test_few_shot_subset_has_that_many_examples_per_class(digits_dir):
+  config = digits_config(digits_dir, train_examples_per_class=6, augment="none")
+  dataset = data.build(config, "train", training=True, global_batch_size=10, seed=0)
+  assert dataset.num_examples == 30 and dataset.steps_per_epoch == 3
+  labels = np.concatenate([b["label"] for b in all_batches(dataset)])
+  np.testing.assert_array_equal(np.bincount(labels, minlength=5), [6] * 5)
+  # Every epoch draws from the same subset; another seed picks another one.
+  subset = image_hashes(np.concatenate([b["image"] for b in all_batches(dataset, epoch=0)]))
+  assert subset == image_hashes(np.concatenate([b["image"] for b in all_batches(dataset, 5)]))
+  other = data.build(config, "train", training=True, global_batch_size=10, seed=1)
+  assert subset != image_hashes(np.concatenate([b["image"] for b in all_batches(other)]))
+  # The eval split is never cut down.
+  assert data.build(config, "eval", training=False, global_batch_size=10).num_examples == 180
+  with pytest.raises(ValueError, match="has only"):
+    data.build(digits_config(digits_dir, train_examples_per_class=1000), "train",
+               training=True, global_batch_size=10)
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+@pytest.mark.parametrize("augment", ["crop_flip", "random_resized_crop"])
+def test_augmentation_changes_images_but_keeps_shape(digits_dir, augment):
+  plain = data.build(digits_config(digits_dir, augment="none"), "train", training=True,
+                     global_batch_size=32, seed=0)
+  augmented = data.build(digits_config(digits_dir, augment=augment), "train", training=True,
+                         global_batch_size=32, seed=0)
+  before, after = plain.batch(0, 0), augmented.batch(0, 0)
+  assert after["image"].shape == before["image"].shape == (32, 32, 32, 3)
+  assert after["image"].dtype == np.float32
+  np.testing.assert_array_equal(after["label"], before["label"])  # same order
+  changed = [not np.array_equal(a, b) for a, b in zip(after["image"], before["image"])]
+  assert np.mean(changed) > 0.5
+
+
+def test_stateless_uniform_is_keyed_by_example_not_position():
+  draws = transforms.stateless_uniform((3, 1), np.array([5, 9, 2]), 4)
+  assert draws.shape == (3, 4) and np.all((draws >= 0) & (draws < 1))
+  np.testing.assert_array_equal(transforms.stateless_uniform((3, 1), np.array([2]), 4)[0],
+                                draws[2])
+  assert not np.array_equal(transforms.stateless_uniform((3, 2), np.array([2]), 4)[0], draws[2])
+  many = transforms.stateless_uniform((0, 0), np.arange(20000), 1)
+  assert abs(many.mean() - 0.5) < 0.01
+
+
+def test_random_resized_box_stays_inside_the_image():
+  rng = np.random.default_rng(0)
+  for height, width in ((32, 32), (50, 300), (300, 40)):
+    for _ in range(50):
+      top, left, box_h, box_w = transforms.random_resized_box(height, width, rng.random(40))
+      assert 0 <= top and top + box_h <= height and 0 <= left and left + box_w <= width
+      assert box_h > 0 and box_w > 0
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def write_image_folder(root):
+  """Two classes of mixed modes and sizes, in train/ and val/."""
+  rng = np.random.default_rng(0)
+  modes = [("RGB", 3), ("L", 1), ("RGBA", 4), ("P", 1)]
+  sizes = [(40, 30), (17, 23), (64, 64), (12, 50)]
+  for split, count in (("train", 6), ("val", 3)):
+    for class_name in ("cat", "dog"):
+      os.makedirs(root / split / class_name)
+      for i in range(count):
+        mode, channels = modes[i % len(modes)]
+        width, height = sizes[(i + len(class_name)) % len(sizes)]
+        pixels = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+        image = Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels,
+                                "L" if channels == 1 else mode)
+        if mode == "P":
+          image = image.convert("P")
+        image.save(root / split / class_name / f"{i}.png")
+  (root / "train" / "cat" / "notes.txt").write_text("not an image")
+
+
+@pytest.mark.parametrize("augment", ["crop_flip", "random_resized_crop", "none"])
+def test_image_folder_of_mixed_sizes_and_modes(tmp_path, augment):
+  write_image_folder(tmp_path)
+  config = data_config(source="folder", path=str(tmp_path), eval_split="val", image_size=16,
+                       resize_size=20, augment=augment)
+  train = data.build(config, "train", training=True, global_batch_size=4, seed=0)
+  assert train.class_names == ("cat", "dog") and train.num_examples == 12
+  batches = all_batches(train)
+  assert len(batches) == 3 and batches[0]["image"].shape == (4, 16, 16, 3)
+  assert sorted(np.concatenate([b["label"] for b in batches]).tolist()) == [0] * 6 + [1] * 6
+  evaluation = data.build(config, "eval", training=False, global_batch_size=4)
+  batches = all_batches(evaluation)
+  assert evaluation.num_examples == 6 and len(batches) == 2
+  assert np.concatenate([b["mask"] for b in batches]).sum() == 6
+  assert np.all(np.isfinite(np.concatenate([b["image"] for b in batches])))
+
+
+def test_image_folder_slices_are_disjoint_and_cover_everything(tmp_path):
+  write_image_folder(tmp_path)
+  first = sources.folder_source(str(tmp_path / "train"), ".[:75%]")
+  rest = sources.folder_source(str(tmp_path / "train"), ".[75%:]")
+  assert len(first) == 9 and len(rest) == 3
+  assert not set(first.items) & set(rest.items)
+  assert len(set(first.items) | set(rest.items)) == 12
+  assert first.items == sources.folder_source(str(tmp_path / "train"), ".[:75%]").items
+  with pytest.raises(FileNotFoundError, match="sub-folders of"):
+    sources.folder_source(str(tmp_path), "test")
+
+
+def test_hymenoptera_folder():
+  root = shared_data("hymenoptera")
+  config = data_config(source="folder", path=str(root), eval_split="val", image_size=64,
+                       resize_size=72, augment="random_resized_crop")
+  evaluation = data.build(config, "eval", training=False, global_batch_size=32)
+  assert evaluation.class_names == ("ants", "bees") and evaluation.num_examples == 153
+  batch = evaluation.batch(0, 4)  # the last, padded batch
+  assert batch["image"].shape == (32, 64, 64, 3) and batch["mask"].sum() == 153 - 4 * 32
+  train = data.build(config, "train", training=True, global_batch_size=8, seed=0)
+  assert train.num_examples == 245
+  assert train.batch(0, 0)["image"].shape == (8, 64, 64, 3)
+
+
+# ---------------------------------------------------------------- TFDS reading
+
+
+def test_tfds_array_record_reads_like_tfrecord(digits_dir, tmp_path):
+  digits.prepare("source", str(tmp_path), file_format="array_record")
+  from_tfrecord = data.build(digits_config(digits_dir), "eval", training=False,
+                             global_batch_size=64)
+  config = data_config(source="tfds", name="tlflax_digits/source", data_dir=str(tmp_path),
+                       eval_split="test[:50%]")
+  from_array_record = data.build(config, "eval", training=False, global_batch_size=64)
+  assert isinstance(from_array_record.source, sources.TfdsRandomAccessSource)
+  assert from_array_record.num_examples == 90
+  np.testing.assert_array_equal(  # TFDS writes both formats in the same order
+      from_array_record.batch(0, 0)["image"], from_tfrecord.batch(0, 0)["image"])
+  few_shot = data.build(data_config(source="tfds", name="tlflax_digits/source",
+                                    data_dir=str(tmp_path), train_examples_per_class=3),
+                        "train", training=True, global_batch_size=5)
+  labels = np.concatenate([b["label"] for b in all_batches(few_shot)])
+  np.testing.assert_array_equal(np.bincount(labels), [3] * 5)
+
+
+def test_tfds_images_of_varying_size_stay_encoded_until_read(tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+  class TlflaxTestVaryingSizes(tfds.core.GeneratorBasedBuilder):
+    """Eight RGB images of different sizes (no fixed image shape)."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      # Not dataset_info_from_configs: it looks for metadata files beside the
+      # builder's package, and a test module is no package.
+      return tfds.core.DatasetInfo(
+          builder=self,
+          features=tfds.features.FeaturesDict({
+              "image": tfds.features.Image(),
+              "label": tfds.features.ClassLabel(names=["small", "large"])}),
+          supervised_keys=("image", "label"))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(8):
+        side = 10 + 5 * i
+        yield i, {"image": np.full((side, side + 3, 3), 20 * i, np.uint8), "label": i // 4}
+
+  TlflaxTestVaryingSizes(data_dir=str(tmp_path)).download_and_prepare()
+  config = data_config(source="tfds", name="tlflax_test_varying_sizes", data_dir=str(tmp_path),
+                       eval_split="train", image_size=8)
+  dataset = data.build(config, "eval", training=False, global_batch_size=8)
+  assert isinstance(dataset.source, sources.EncodedSource)
+  batch = dataset.batch(0, 0)
+  assert batch["image"].shape == (8, 8, 8, 3)
+  # Each image is one flat colour, 20 * i, and stays so after resizing.
+  pixels = batch["image"][:, 0, 0, 0] * config.std[0] + config.mean[0]
+  order = np.argsort(pixels)
+  np.testing.assert_allclose(pixels[order] * 255, 20 * np.arange(8), atol=1e-3)
+  np.testing.assert_array_equal(batch["label"][order], np.arange(8) // 4)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "no_such_dataset_anywhere"])
+def test_unprepared_tfds_dataset_fails_at_once_with_instructions(tmp_path, name):
+  config = data_config(source="tfds", name=name, data_dir=str(tmp_path))
+  start = time.monotonic()
+  with pytest.raises(FileNotFoundError) as error:
+    data.build(config, "train", training=True, global_batch_size=8)
+  assert time.monotonic() - start < 5.0
+  message = str(error.value)
+  assert name in message and str(tmp_path) in message and "tfds build" in message

@@ -1,0 +1,305 @@
+"""Config -> a dataset that yields this process's share of deterministic global batches.
+
+    >>> train = build(config.data, split="train", training=True, global_batch_size=128,
+    ...               seed=0, process_index=jax.process_index(),
+    ...               process_count=jax.process_count())
+    >>> for batch in train.batches(epoch=3, start_batch=17):
+    ...   batch["image"], batch["label"]     # float32 (64, H, W, 3), int32 (64,) on 2 processes
+
+Everything a batch holds is a pure function of (seed, epoch, batch number):
+
+* training order: a permutation of the examples drawn from (seed, epoch);
+  global batch `b` is positions `b * B ... (b + 1) * B - 1` of it and the
+  remainder is dropped;
+* augmentation: drawn per example from (seed, epoch, example id) with a
+  counter-based generator (`transforms.stateless_uniform`);
+* process `p` of `P` takes rows `p * B / P ... (p + 1) * B / P - 1` of every
+  global batch, so the concatenation of all processes' parts is the batch a
+  single process would see.
+
+So `batches(epoch, start_batch=k)` resumes exactly where an interrupted run
+stopped, and the number of processes never changes what the model is trained
+on. Evaluation goes through the examples in order; the last batch is padded
+to full size and `mask` marks the real examples (1) and the padding (0).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import os
+from typing import Any, Iterator
+
+import numpy as np
+
+from tlflax.data import images as image_files
+from tlflax.data import sources
+from tlflax.data import transforms
+
+SOURCES = ("tfds", "folder", "digits")
+# Tags that keep the random streams of different purposes apart for one seed.
+_SHUFFLE_STREAM = 1
+_FEW_SHOT_STREAM = 2
+_MAX_THREADS = 8
+
+
+# eq=False: fields hold arrays, which have no single truth value to compare by.
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+  """One split, batched for one process.
+
+  Attributes:
+    num_examples: examples in the split (all processes together; after the
+      few-shot subset for training data).
+    num_classes, class_names: the label set; labels are 0..num_classes-1.
+    steps_per_epoch: global batches per epoch: num_examples // batch size
+      when training (remainder dropped), rounded up for evaluation.
+    global_batch_size: examples per step over all processes.
+    local_batch_size: rows of each batch this process yields.
+    training: shuffled and augmented (True) or in order, padded and masked.
+  """
+  num_examples: int
+  num_classes: int
+  class_names: tuple[str, ...]
+  steps_per_epoch: int
+  global_batch_size: int
+  local_batch_size: int
+  training: bool
+  image_size: int
+  augment: str
+  seed: int
+  process_index: int
+  process_count: int
+  source: sources.ExampleSource = dataclasses.field(repr=False)
+  # Source index of each example of this dataset (a subset for few-shot).
+  example_ids: np.ndarray = dataclasses.field(repr=False)
+  preprocessing: image_files.Preprocessing = dataclasses.field(repr=False)
+  # Threads that decode and transform examples; 1 = a plain loop.
+  num_threads: int = 1
+
+  def batches(self, epoch: int = 0, start_batch: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """This process's part of global batches `start_batch`... of `epoch`.
+
+    The next batch is prepared on a background thread while the caller
+    works on the current one.
+
+    Args:
+      epoch: selects the shuffle and augmentation (ignored for evaluation).
+      start_batch: the first batch to yield, to resume inside an epoch.
+
+    Yields:
+      {"image": float32 (local_batch, H, W, 3), "label": int32 (local_batch,)}
+      plus "mask": float32 (local_batch,) for evaluation.
+    """
+    if not 0 <= start_batch <= self.steps_per_epoch:
+      raise ValueError(f"start_batch {start_batch} is outside 0..{self.steps_per_epoch}.")
+    with concurrent.futures.ThreadPoolExecutor(1) as ahead, \
+         concurrent.futures.ThreadPoolExecutor(self.num_threads) as workers:
+      pending = None
+      try:
+        for step in range(start_batch, self.steps_per_epoch):
+          if pending is None:
+            pending = ahead.submit(self._batch, epoch, step, workers)
+          current = pending.result()
+          pending = (ahead.submit(self._batch, epoch, step + 1, workers)
+                     if step + 1 < self.steps_per_epoch else None)
+          yield current
+      finally:
+        if pending is not None:
+          pending.cancel()
+
+  def batch(self, epoch: int, step: int) -> dict[str, np.ndarray]:
+    """Batch `step` of `epoch` alone, as `batches` yields it.
+
+    Args:
+      epoch: as in `batches`.
+      step: global batch number, 0..steps_per_epoch-1.
+
+    Returns:
+      The batch dict.
+    """
+    if not 0 <= step < self.steps_per_epoch:
+      raise ValueError(f"step {step} is outside 0..{self.steps_per_epoch - 1}.")
+    return self._batch(epoch, step, None)
+
+  def _positions(self, epoch: int, step: int) -> np.ndarray:
+    """Positions in `example_ids` of this process's rows of a global batch (-1 = padding)."""
+    first = step * self.global_batch_size + self.process_index * self.local_batch_size
+    rows = np.arange(first, first + self.local_batch_size)
+    if self.training:
+      return epoch_order(self.num_examples, self.seed, epoch)[rows]
+    return np.where(rows < self.num_examples, rows, -1)
+
+  def _batch(self, epoch: int, step: int, workers) -> dict[str, np.ndarray]:
+    positions = self._positions(epoch, step)
+    real = positions >= 0
+    ids = self.example_ids[positions[real]]
+    raws, labels = self.source.read(ids)
+    if self.training:
+      uniforms = transforms.stateless_uniform(
+          (self.seed, epoch), ids, transforms.num_draws(self.augment))
+      work = [(raw, row) for raw, row in zip(raws, uniforms)]
+      prepare = self._train_example
+    else:
+      work = [(raw, None) for raw in raws]
+      prepare = self._eval_example
+    if workers is not None and self.num_threads > 1 and len(work) > 1:
+      pixels = list(workers.map(lambda item: prepare(*item), work))
+    else:
+      pixels = [prepare(*item) for item in work]
+
+    size = self.image_size
+    images = np.zeros((self.local_batch_size, size, size, 3), np.uint8)
+    if pixels:
+      images[real] = np.stack(pixels)
+    all_labels = np.zeros((self.local_batch_size,), np.int32)
+    all_labels[real] = labels
+    batch = {"image": image_files.normalize(images, self.preprocessing), "label": all_labels}
+    if not self.training:
+      batch["mask"] = real.astype(np.float32)
+    return batch
+
+  def _train_example(self, raw: Any, uniforms: np.ndarray) -> np.ndarray:
+    return transforms.train_transform(self.source.decode(raw), uniforms, self.augment,
+                                      self.image_size, self.preprocessing.resize_size)
+
+  def _eval_example(self, raw: Any, unused) -> np.ndarray:
+    del unused
+    return transforms.eval_transform(self.source.decode(raw), self.image_size,
+                                     self.preprocessing.resize_size)
+
+
+# Cached: every batch of an epoch reads the same order, and a fresh permutation
+# of a million examples takes tens of milliseconds.
+@functools.lru_cache(maxsize=4)
+def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+  """The training order of one epoch: a permutation drawn from (seed, epoch).
+
+  Args:
+    num_examples: examples in the dataset.
+    seed: the run's seed.
+    epoch: the epoch number.
+
+  Returns:
+    int64 (num_examples,), read-only (it is shared through the cache).
+  """
+  order = np.random.default_rng([seed, _SHUFFLE_STREAM, epoch]).permutation(num_examples)
+  order.flags.writeable = False
+  return order
+
+
+def few_shot_subset(labels: np.ndarray, per_class: int, num_classes: int, seed: int
+                    ) -> np.ndarray:
+  """A seeded choice of `per_class` examples of every class.
+
+  Args:
+    labels: int (N,) of the whole split.
+    per_class: examples to keep per class.
+    num_classes: classes in the dataset.
+    seed: the run's seed; other seeds choose other examples.
+
+  Returns:
+    Sorted int64 indices into the split, per_class * num_classes of them.
+  """
+  rng = np.random.default_rng([seed, _FEW_SHOT_STREAM])
+  chosen = []
+  for label in range(num_classes):
+    members = np.flatnonzero(labels == label)
+    if len(members) < per_class:
+      raise ValueError(f"train_examples_per_class={per_class}, but class {label} has only "
+                       f"{len(members)} training examples.")
+    chosen.append(rng.choice(members, size=per_class, replace=False))
+  return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def load_source(data_config, split: str) -> sources.ExampleSource:
+  """The examples of one split named in `config.data`.
+
+  Args:
+    data_config: `config.data` (see tlflax/defaults.py).
+    split: "train" (config.data.train_split) or "eval" (config.data.eval_split).
+
+  Returns:
+    An `ExampleSource`.
+  """
+  if split not in ("train", "eval"):
+    raise ValueError(f"split must be 'train' or 'eval', not {split!r}.")
+  split_name = data_config.train_split if split == "train" else data_config.eval_split
+  kind = data_config.source
+  if kind == "tfds":
+    if not data_config.name:
+      raise ValueError("config.data.name must name the TFDS dataset (e.g. 'cifar10').")
+    return sources.tfds_source(data_config.name, data_config.data_dir, split_name)
+  if kind == "digits":
+    # Imported here: it registers a TFDS builder and needs scikit-learn.
+    from tlflax.data import digits  # pylint: disable=import-outside-toplevel
+    data_dir = digits.prepare(data_config.name, data_config.data_dir)
+    return sources.tfds_source(f"{digits.DATASET_NAME}/{data_config.name}", data_dir, split_name)
+  if kind == "folder":
+    if not data_config.path:
+      raise ValueError("config.data.path must be the image folder for source='folder'.")
+    return sources.folder_source(data_config.path, split_name,
+                                 class_split=data_config.train_split)
+  raise ValueError(f"Unknown config.data.source {kind!r}; use one of {SOURCES}.")
+
+
+def build(data_config, split: str, training: bool, global_batch_size: int, seed: int = 0,
+          process_index: int = 0, process_count: int = 1, num_threads: int = 0) -> Dataset:
+  """Reads a split named in `config.data` and batches it for this process.
+
+  Args:
+    data_config: `config.data` (source, name, data_dir, path, splits, sizes,
+      mean/std, augment, train_examples_per_class).
+    split: "train" or "eval".
+    training: shuffle, augment and drop the remainder (True), or keep the
+      order, apply the eval transform and pad the last batch (False).
+    global_batch_size: examples per step over all processes.
+    seed: decides the order, the augmentation and the few-shot subset.
+    process_index, process_count: this process and how many share the batches.
+    num_threads: threads that decode and transform images; 0 = one per CPU
+      core (at most 8) where images need decoding or resizing, else 1.
+
+  Returns:
+    A `Dataset`.
+  """
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"Bad process_index {process_index} of process_count {process_count}.")
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of "
+                     f"the process count {process_count}.")
+  augment = data_config.augment if training else "none"
+  transforms.num_draws(augment)  # fails early on an unknown name
+  image_size = int(data_config.image_size)
+  preprocessing = image_files.Preprocessing(
+      crop_size=image_size, resize_size=int(data_config.resize_size) or image_size,
+      mean=tuple(data_config.mean), std=tuple(data_config.std))
+
+  source = load_source(data_config, split)
+  class_names = tuple(source.class_names)
+  example_ids = np.arange(len(source), dtype=np.int64)
+  per_class = int(data_config.train_examples_per_class)
+  if split == "train" and per_class > 0:
+    example_ids = few_shot_subset(source.labels(), per_class, len(class_names), seed)
+  num_examples = len(example_ids)
+  if training:
+    steps = num_examples // global_batch_size
+    if steps == 0:
+      raise ValueError(f"The {split} split has {num_examples} examples, fewer than one "
+                       f"global batch of {global_batch_size}.")
+  else:
+    steps = -(-num_examples // global_batch_size)
+  if num_threads <= 0:
+    # Threads pay off only where PIL decodes or resizes (it releases the GIL);
+    # small in-memory arrays of the right size are quicker in a plain loop.
+    needs_pil = (source.decodes or augment == "random_resized_crop"
+                 or preprocessing.resize_size != image_size
+                 or source.image_shape() != (image_size, image_size))
+    num_threads = max(1, min(_MAX_THREADS, os.cpu_count() or 1)) if needs_pil else 1
+  return Dataset(
+      num_examples=num_examples, num_classes=len(class_names), class_names=class_names,
+      steps_per_epoch=steps, global_batch_size=global_batch_size,
+      local_batch_size=global_batch_size // process_count, training=training,
+      image_size=image_size, augment=augment, seed=int(seed), process_index=process_index,
+      process_count=process_count, source=source, example_ids=example_ids,
+      preprocessing=preprocessing, num_threads=num_threads)

@@ -1,0 +1,331 @@
+"""Where examples come from: a split of a TFDS dataset or of an image folder.
+
+Every source is an `ExampleSource`: random access to example `i` of one
+split (its raw image and label), the labels of all examples, and the class
+names. Reading is split in two steps, `read` (cheap, in order) and `decode`
+(the costly part, safe to run on several threads), so the pipeline can decode
+a batch in parallel.
+
+TFDS datasets are read offline from a prepared `data_dir`, never downloaded:
+
+* prepared as ArrayRecord (`tfds build NAME --file_format=array_record`):
+  random access through `builder.as_data_source`, so any size works; images
+  are decoded when read. Labels are only read in full (one pass over the
+  records) when a few-shot subset asks for them.
+* prepared as TFRecord (the TFDS default): the split is read once into
+  memory, as decoded uint8 arrays when the dataset declares a fixed image
+  shape (CIFAR, MNIST, ...) and as the encoded image files otherwise. The
+  split must fit in memory; prepare large datasets as ArrayRecord instead.
+
+Image folders (`root/<split>/<class>/<image>`) are listed once and read file
+by file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import re
+from typing import Any, Sequence
+
+import numpy as np
+
+from tlflax.data import images as image_files
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+                    ".ppm", ".pgm")
+# Orders a folder's files before slicing, so "train[:80%]" is a random 80%
+# and not the first classes; fixed, so the split never changes between runs.
+_FOLDER_SLICE_SEED = 20240229
+
+
+class ExampleSource:
+  """Random access to the examples of one split."""
+
+  class_names: tuple[str, ...]
+  # True when `decode` does real work (files to decode) worth a thread pool.
+  decodes: bool = False
+
+  def __len__(self) -> int:
+    raise NotImplementedError
+
+  def labels(self) -> np.ndarray:
+    """int64 (N,): the label of every example."""
+    raise NotImplementedError
+
+  def read(self, indices: Sequence[int]) -> tuple[list[Any], np.ndarray]:
+    """The raw images (arrays, encoded bytes or paths) and int64 labels of these examples."""
+    raise NotImplementedError
+
+  def decode(self, raw: Any) -> np.ndarray:
+    """A raw image from `read` -> uint8 (H, W, C)."""
+    return raw
+
+  def image_shape(self) -> tuple[int, int] | None:
+    """(height, width) shared by every image, or None when unknown or mixed."""
+    return None
+
+
+@dataclasses.dataclass
+class ArraySource(ExampleSource):
+  """Decoded images held in memory: uint8 (N, H, W, C)."""
+  pixels: np.ndarray
+  all_labels: np.ndarray
+  class_names: tuple[str, ...]
+
+  def __len__(self) -> int:
+    return len(self.all_labels)
+
+  def labels(self) -> np.ndarray:
+    return self.all_labels
+
+  def read(self, indices):
+    indices = np.asarray(indices, np.int64)
+    return list(self.pixels[indices]), self.all_labels[indices]
+
+  def image_shape(self):
+    return tuple(self.pixels.shape[1:3])
+
+
+@dataclasses.dataclass
+class EncodedSource(ExampleSource):
+  """Image files (paths) or their encoded bytes, decoded when read."""
+  items: Sequence[Any]
+  all_labels: np.ndarray
+  class_names: tuple[str, ...]
+  decodes: bool = True
+
+  def __len__(self) -> int:
+    return len(self.all_labels)
+
+  def labels(self) -> np.ndarray:
+    return self.all_labels
+
+  def read(self, indices):
+    return [self.items[i] for i in indices], self.all_labels[np.asarray(indices, np.int64)]
+
+  def decode(self, raw):
+    return _decode_image(raw)
+
+
+@dataclasses.dataclass
+class TfdsRandomAccessSource(ExampleSource):
+  """A TFDS ArrayRecord data source; images stay encoded until decoded."""
+  data_source: Any
+  image_key: str
+  label_key: str
+  class_names: tuple[str, ...]
+  decodes: bool = True
+  _labels: np.ndarray | None = None
+
+  def __len__(self) -> int:
+    return len(self.data_source)
+
+  def labels(self) -> np.ndarray:
+    if self._labels is None:
+      # One pass over every record; only few-shot subsets need this.
+      chunk = 4096
+      labels = []
+      for start in range(0, len(self), chunk):
+        records = self.data_source.__getitems__(list(range(start, min(start + chunk, len(self)))))
+        labels.extend(int(r[self.label_key]) for r in records)
+      self._labels = np.asarray(labels, np.int64)
+    return self._labels
+
+  def read(self, indices):
+    records = self.data_source.__getitems__([int(i) for i in indices])
+    return ([r[self.image_key] for r in records],
+            np.asarray([int(r[self.label_key]) for r in records], np.int64))
+
+  def decode(self, raw):
+    return _decode_image(raw)
+
+
+def _decode_image(raw: Any) -> np.ndarray:
+  """A path or encoded image bytes -> uint8 RGB (H, W, 3)."""
+  if isinstance(raw, (bytes, bytearray, memoryview)):
+    return image_files.read_rgb(io.BytesIO(bytes(raw)))
+  return image_files.read_rgb(raw)
+
+
+# ---------------------------------------------------------------- TFDS
+
+
+def tfds_source(name: str, data_dir: str, split: str) -> ExampleSource:
+  """One split of a prepared TFDS dataset, read without any network access.
+
+  Args:
+    name: TFDS name, optionally with config and version ("cifar10",
+      "tlflax_digits/source:1.0.0").
+    data_dir: the folder it was prepared in; "" = the TFDS default.
+    split: a TFDS split string ("train", "train[:80%]", "test").
+
+  Returns:
+    An `ExampleSource`.
+
+  Raises:
+    FileNotFoundError: the dataset is not prepared in `data_dir`. Raised at
+      once: nothing is downloaded.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  builder = prepared_builder(name, data_dir)
+  image_key, label_key = _feature_keys(builder.info)
+  class_names = tuple(builder.info.features[label_key].names)
+  random_access = tfds.core.file_adapters.FileFormat.with_random_access()
+  if builder.info.available_file_formats() & set(random_access):
+    data_source = builder.as_data_source(
+        split=split, decoders={image_key: tfds.decode.SkipDecoding()})
+    return TfdsRandomAccessSource(data_source, image_key, label_key, class_names)
+
+  image_shape = builder.info.features[image_key].shape
+  # shuffle_files=False: TFDS then reads in a fixed order, which exact resume needs.
+  if all(isinstance(d, int) for d in image_shape):
+    everything = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1,
+                                                  shuffle_files=False))
+    return ArraySource(everything[image_key], everything[label_key].astype(np.int64),
+                       class_names)
+  dataset = builder.as_dataset(split=split, shuffle_files=False,
+                               decoders={image_key: tfds.decode.SkipDecoding()})
+  items, labels = [], []
+  for example in tfds.as_numpy(dataset):
+    items.append(example[image_key])
+    labels.append(int(example[label_key]))
+  return EncodedSource(items, np.asarray(labels, np.int64), class_names)
+
+
+def prepared_builder(name: str, data_dir: str):
+  """`tfds.builder(name, data_dir)`, failing at once when it is not prepared there.
+
+  Args:
+    name: TFDS name.
+    data_dir: "" = the TFDS default.
+
+  Returns:
+    A prepared `tfds.core.DatasetBuilder`.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  shown_dir = data_dir or os.path.expanduser(tfds.core.constants.DATA_DIR)
+  how_to = (
+      "tlflax reads TFDS datasets offline and never downloads them. Prepare it once "
+      "where there is internet access:\n"
+      f"    tfds build {name} --data_dir={shown_dir}\n"
+      "(add --file_format=array_record for random access to large datasets), or copy "
+      "a prepared copy into that folder. For the offline demo data use "
+      "config.data.source='digits'.")
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None)
+  except tfds.core.registered.DatasetNotFoundError as error:
+    raise FileNotFoundError(
+        f"TFDS knows no dataset {name!r} and none is prepared in data_dir {shown_dir!r}. "
+        f"{how_to}") from error
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f"TFDS dataset {name!r} is not prepared in data_dir {shown_dir!r} (looked for "
+        f"{builder.data_dir}). {how_to}")
+  return builder
+
+
+def _feature_keys(info) -> tuple[str, str]:
+  """The (image, label) feature names: the supervised keys, else the first of each kind."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  keys = info.supervised_keys
+  if (isinstance(keys, (tuple, list)) and len(keys) == 2
+      and all(isinstance(k, str) for k in keys)):
+    image_key, label_key = keys
+  else:
+    image_key = next((k for k, f in info.features.items()
+                      if isinstance(f, tfds.features.Image)), None)
+    label_key = next((k for k, f in info.features.items()
+                      if isinstance(f, tfds.features.ClassLabel)), None)
+  if (image_key is None or label_key is None
+      or not isinstance(info.features[image_key], tfds.features.Image)
+      or not isinstance(info.features[label_key], tfds.features.ClassLabel)):
+    raise ValueError(f"{info.full_name} has no image feature with a class label "
+                     f"(features: {list(info.features)}).")
+  return image_key, label_key
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def folder_source(root: str, split: str, class_split: str = "") -> EncodedSource:
+  """One split of an image folder `root/<split>/<class>/<image file>`.
+
+  Args:
+    root: the folder holding one sub-folder per split ("train", "val", ...).
+      Use split "." when `root` holds the class folders directly.
+    split: the split's sub-folder, optionally sliced like TFDS: "train",
+      "val", ".[:80%]", ".[80%:]", "train[:100]". A slice takes a fixed
+      random share of the files (the same in every run).
+    class_split: the split whose sub-folders define the classes (normally
+      the training split), so every split numbers classes alike; "" = `split`.
+
+  Returns:
+    An `EncodedSource` of the image files; class names are the sorted
+    sub-folder names.
+  """
+  folder_name, start, end = parse_split(split)
+  class_names = _class_folders(root, parse_split(class_split or split)[0])
+  split_dir = os.path.join(root, folder_name)
+  extra = sorted(set(_class_folders(root, folder_name)) - set(class_names))
+  if extra:
+    raise ValueError(f"{split_dir} has classes that {class_split!r} lacks: {extra}.")
+  paths, labels = [], []
+  for label, class_name in enumerate(class_names):
+    class_dir = os.path.join(split_dir, class_name)
+    if not os.path.isdir(class_dir):
+      continue  # a split may lack a class the training split has
+    for file_name in sorted(os.listdir(class_dir)):
+      if not file_name.startswith(".") and file_name.lower().endswith(IMAGE_EXTENSIONS):
+        paths.append(os.path.join(class_dir, file_name))
+        labels.append(label)
+  if not paths:
+    raise FileNotFoundError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) under {split_dir}.")
+  order = np.arange(len(paths))
+  if (start, end) != (None, None):
+    order = np.random.default_rng(_FOLDER_SLICE_SEED).permutation(len(paths))
+    order = np.sort(order[_slice_bound(start, len(paths), 0):_slice_bound(end, len(paths),
+                                                                          len(paths))])
+  return EncodedSource([paths[i] for i in order], np.asarray(labels, np.int64)[order],
+                       tuple(class_names))
+
+
+def _class_folders(root: str, folder_name: str) -> list[str]:
+  split_dir = os.path.join(root, folder_name)
+  if not os.path.isdir(split_dir):
+    available = (sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+                 if os.path.isdir(root) else "none: the root does not exist")
+    raise FileNotFoundError(
+        f"Image folder split {split_dir} does not exist (sub-folders of {root}: {available}). "
+        "Set config.data.train_split/eval_split to sub-folder names, or '.[:80%]' and "
+        "'.[80%:]' when the root holds the class folders directly.")
+  classes = sorted(d for d in os.listdir(split_dir)
+                   if not d.startswith(".") and os.path.isdir(os.path.join(split_dir, d)))
+  if not classes:
+    raise FileNotFoundError(f"{split_dir} has no class sub-folders.")
+  return classes
+
+
+_SPLIT_PATTERN = re.compile(r"^(?P<name>[^\[\]]+)(\[(?P<start>-?\d+%?)?:(?P<end>-?\d+%?)?\])?$")
+
+
+def parse_split(split: str) -> tuple[str, str | None, str | None]:
+  """"train[10%:50%]" -> ("train", "10%", "50%"); "val" -> ("val", None, None)."""
+  match = _SPLIT_PATTERN.match(split.strip())
+  if not match:
+    raise ValueError(f"Cannot read split {split!r}; expected NAME or NAME[start:end] "
+                     "with counts or percentages.")
+  return match["name"], match["start"], match["end"]
+
+
+def _slice_bound(bound: str | None, length: int, default: int) -> int:
+  if bound is None:
+    return default
+  if bound.endswith("%"):
+    value = int(round(length * int(bound[:-1]) / 100.0))
+  else:
+    value = int(bound)
+  if value < 0:
+    value += length
+  return max(0, min(length, value))

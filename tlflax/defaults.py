@@ -1,0 +1,72 @@
+"""Every config key tlflax reads, with its default.
+
+Config files in `configs/` start from `base_config()` and override keys; the
+command line (`--config.key=value`) can override any of them, and a misspelt
+key fails because the config is locked.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from tlflax import optim
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The full schema with defaults."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # The network: a registered name, its options, and where its weights come from.
+  config.model = ml_collections.ConfigDict(dict(
+      name="cifar_resnet20",
+      dtype="float32",        # computation dtype; "bfloat16" on accelerators
+      last_stage="",          # truncate after this stage ("" = whole network)
+  ))
+  # Start-up order: resume from the workdir, else these weights, else scratch.
+  config.init = ml_collections.ConfigDict(dict(
+      weights="",             # weight file, tlflax checkpoint dir or pretrained id; "" = scratch
+      source="",              # torchvision | timm | keras | tlflax ("" for an id)
+  ))
+
+  config.data = ml_collections.ConfigDict(dict(
+      source="tfds",          # tfds | folder | digits
+      name="",                # tfds name (e.g. "cifar10"), or the digits task ("source"/"target")
+      data_dir="",            # tfds data_dir ("" = tfds default)
+      path="",                # image folder root (one sub-folder per class)
+      train_split="train",
+      eval_split="test",
+      image_size=32,          # network input size
+      resize_size=0,          # eval: shorter side before centre crop (0 = image_size)
+      mean=(0.485, 0.456, 0.406),
+      std=(0.229, 0.224, 0.225),
+      augment="crop_flip",    # crop_flip (pad 4 and crop) | random_resized_crop | none
+      train_examples_per_class=0,  # few-shot subset of the train split (0 = all)
+  ))
+
+  config.batch_size = 128     # global batch, split over all devices
+  config.eval_batch_size = 256
+  config.num_epochs = 10.0
+  config.num_train_steps = 0  # > 0 overrides num_epochs
+
+  config.freeze = ml_collections.ConfigDict(dict(
+      rules="none",           # spec string (see tlflax.freeze.rules_from_spec)
+      batchnorm_mode="frozen_layers",
+  ))
+  config.optimizer = optim.default_config()
+  config.label_smoothing = 0.0
+
+  config.log_every_steps = 50
+  config.eval_every_steps = 0     # 0 = once per epoch
+  config.checkpoint_every_steps = 0  # 0 = once per epoch
+  config.keep_checkpoints = 3
+  config.best_metric = "eval/accuracy"  # also keep the best checkpoint by this
+
+  # Multi-host: leave empty to let jax.distributed read the cluster (SLURM, TPU).
+  config.distributed = ml_collections.ConfigDict(dict(
+      enabled=False,
+      coordinator_address="",
+      num_processes=0,
+      process_id=-1,
+  ))
+  return config
