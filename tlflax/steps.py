@@ -80,7 +80,7 @@ def with_frozen_batchnorm(model: nn.Module, freezing: Freezing, batch_stats) -> 
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    freezing: Freezing, label_smoothing: float = 0.0,
+                    freezing: Freezing, label_smoothing: float = 0.0, dropout_seed: int = 0,
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Builds `train_step(state, batch) -> (state, metrics)`.
 
@@ -89,10 +89,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     tx: from `tlflax.optim.make_optimizer(..., full_tree=False)`.
     freezing: compiled freeze rules; must be the one `tx` was built for.
     label_smoothing: for the cross-entropy loss.
+    dropout_seed: dropout keys are this seed folded with the step number, so a
+      resumed run draws the same masks as an uninterrupted one.
 
   Returns:
-    A pure function; `batch` holds "image" (NHWC), "label" (int) and optionally
-    "rng" (a key for dropout). Metrics: loss, accuracy, grad_norm (trainable
+    A pure function; `batch` holds "image" (NHWC) and "label" (int). Metrics: loss, accuracy, grad_norm (trainable
     parameters), and per group grad_norm/... and update_norm/....
   """
   if freezing.all_frozen:
@@ -102,7 +103,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   def train_step(state: TrainState, batch: dict):
     step_model = with_frozen_batchnorm(model, freezing, state.batch_stats)
     trainable, frozen = freezing.split(state.params)
-    rngs = {"dropout": batch["rng"]} if "rng" in batch else {"dropout": jax.random.key(0)}
+    rngs = {"dropout": jax.random.fold_in(jax.random.key(dropout_seed), state.step)}
 
     def loss_fn(trainable_params):
       variables = {"params": merge_trees(trainable_params, frozen),

@@ -1,0 +1,77 @@
+"""Devices, meshes and multi-host start-up.
+
+tlflax trains data-parallel over a one-axis mesh of every device of every
+process: parameters and optimizer state are replicated, the global batch is
+split along its first axis. A jitted step with these shardings computes
+BatchNorm statistics over the global batch (XLA inserts the all-reduce).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+DATA_AXIS = "data"
+
+
+def initialize_distributed(config) -> None:
+  """Starts `jax.distributed` when asked to, before any other JAX call.
+
+  With `config.enabled` and no address, JAX reads the cluster's environment
+  (SLURM, TPU pods, ...); otherwise the coordinator address, process count and
+  id come from the config (e.g. for two processes on one machine).
+  """
+  if not config.get("enabled", False):
+    return
+  options = {}
+  if config.get("coordinator_address"):
+    options = dict(coordinator_address=config.coordinator_address,
+                   num_processes=int(config.num_processes), process_id=int(config.process_id))
+  log.info("Starting jax.distributed %s", options or "from the cluster environment")
+  jax.distributed.initialize(**options)
+  log.info("Process %d of %d, %d local / %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def make_mesh() -> Mesh:
+  """A one-axis mesh over every device of every process."""
+  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def check_batch_size(global_batch_size: int, what: str = "batch_size") -> None:
+  """The global batch must split evenly over devices (and so over processes)."""
+  devices = jax.device_count()
+  if global_batch_size % devices:
+    raise ValueError(f"{what}={global_batch_size} does not divide over {devices} devices; "
+                     f"use a multiple of {devices}.")
+
+
+def to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's part of a global batch -> arrays sharded over the mesh."""
+  sharding = batch_sharded(mesh)
+  return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+          for key, value in local_batch.items()}
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Places a host pytree on every device (identical on every process)."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0
+
