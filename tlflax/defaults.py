@@ -26,7 +26,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Start-up order: resume from the workdir, else these weights, else scratch.
   config.init = ml_collections.ConfigDict(dict(
       weights="",             # weight file, tlflax checkpoint dir or pretrained id; "" = scratch
-      source="",              # torchvision | timm | keras | tlflax ("" for an id)
+      source="",              # torchvision | timm | keras | tlflax ("" for an id) | workdir
+      keep_head=False,        # True: keep the pretrained head (same classes, e.g. to resume a task)
   ))
 
   config.data = ml_collections.ConfigDict(dict(
@@ -68,5 +69,6 @@ def base_config() -> ml_collections.ConfigDict:
       coordinator_address="",
       num_processes=0,
       process_id=-1,
+      cpu_collectives="gloo",  # how CPU-only processes talk to each other
   ))
   return config

@@ -31,7 +31,7 @@ class MetricsWriter:
       try:
         from flax.metrics import tensorboard as flax_tensorboard  # pylint: disable=import-outside-toplevel
         self._summary = flax_tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
-      except ImportError:  # TensorBoard needs TensorFlow; the JSON lines do not.
+      except ImportError:  # The JSON lines need nothing more.
         log.warning("TensorFlow not importable: no TensorBoard event files.")
 
   def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:

@@ -34,6 +34,9 @@ def initialize_distributed(config) -> None:
     options = dict(coordinator_address=config.coordinator_address,
                    num_processes=int(config.num_processes), process_id=int(config.process_id))
   log.info("Starting jax.distributed %s", options or "from the cluster environment")
+  if config.get("cpu_collectives"):
+    # CPU processes exchange data through gloo (GPU and TPU use their own).
+    jax.config.update("jax_cpu_collectives_implementation", config.cpu_collectives)
   jax.distributed.initialize(**options)
   log.info("Process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())

@@ -68,8 +68,15 @@ def initial_variables(config, model, image_shape, workdir_has_checkpoint: bool):
   variables = jax.tree.map(np.asarray, variables)
   if workdir_has_checkpoint or not config.init.weights:
     return variables, "scratch"
-  pretrained = weights.load(config.model.name, config.init.weights,
-                            source=config.init.source or None)
+  if config.init.source == "workdir":  # the final state of another training run
+    pretrained = checkpoint.restore_params_only(config.init.weights)
+  else:
+    pretrained = weights.load(config.model.name, config.init.weights,
+                              source=config.init.source or None)
+  if not config.init.keep_head:
+    # A new task gets a new head, even when the old one has the same shape.
+    pretrained = {collection: {k: v for k, v in tree.items() if k != "head"}
+                  for collection, tree in pretrained.items()}
   variables, report = weights.merge_pretrained(variables, pretrained)
   log.info("Pretrained weights %s: %s", config.init.weights, report)
   return variables, "pretrained"
@@ -120,8 +127,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       workdir with a checkpoint is resumed.
 
   Returns:
-    `{"eval/accuracy": ..., "eval/loss": ..., "step": ..., "start": ...}`.
+    `{"eval/accuracy": ..., "eval/loss": ..., "step": ..., "start": ...}`; for
+    a study config (one with `runs`, see `tlflax.study`), a list of those.
   """
+  if config.get("runs"):
+    from tlflax import study  # pylint: disable=import-outside-toplevel
+    return study.run_study(config, workdir)
   sharding.initialize_distributed(config.distributed)
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints,
@@ -174,7 +185,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           final = evaluate(eval_step, state, run.eval_data, mesh)
           writer.write(step, "eval", final)
           log.info("step %d eval: %s", step, final)
-        preempted = checkpoint.preemption_requested()
+        preempted = checkpoint.preemption_requested(step)
         if step % save_every == 0 or step == run.total_steps or preempted:
           ckpt.save(step, state, extra={"epoch": epoch},
                     metrics={f"eval/{k}": v for k, v in final.items()} or None)

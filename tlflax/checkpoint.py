@@ -1,0 +1,613 @@
+"""Training checkpoints in WORKDIR/checkpoints: resume, keep the best, survive kills.
+
+A thin layer over `orbax.checkpoint.CheckpointManager`. The layout:
+
+    WORKDIR/config.json                  the run's config (written by process 0)
+    WORKDIR/checkpoints/<step>/state     the TrainState (params, batch_stats,
+                                         opt_state, step)
+    WORKDIR/checkpoints/<step>/extra     JSON the loop passes: stage, epoch,
+                                         data position...
+    WORKDIR/checkpoints/<step>/metrics   JSON metrics of that step (ranks the best)
+
+Atomicity comes from orbax: a step is written into
+`<step>.orbax-checkpoint-tmp-<time>/` and renamed to `<step>/` only once
+every file is complete (on object stores a `commit_success.txt` marks
+completion instead). A run killed mid-save leaves only the temporary
+directory, which `latest_step` and `restore` never see and the next start
+deletes, so a restart resumes from the last complete checkpoint.
+
+    >>> ckpt = Checkpointer(workdir, keep=3, best_metric="eval/accuracy", config=config)
+    >>> if ckpt.latest_step() is not None:
+    ...   state, extra = ckpt.restore(state)
+    >>> ckpt.save(step, state, extra={"epoch": 3}, metrics={"eval/accuracy": 0.9})
+    >>> ckpt.close()  # waits for the last (asynchronous) save
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import threading
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from etils import epath
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.json"
+STATE_ITEM = "state"
+EXTRA_ITEM = "extra"
+
+# Metric names that mean "lower is better" when no mode is given.
+_LOWER_IS_BETTER = ("loss", "error", "perplexity", "nll")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint or workdir that cannot be used, with what to do about it."""
+
+
+# ----------------------------------------------------------------------------
+# The checkpointer
+# ----------------------------------------------------------------------------
+
+class Checkpointer:
+  """Saves and restores TrainStates in `WORKDIR/checkpoints`.
+
+  Every process of a multi-process run must create it and call `save` and
+  `restore` alike (orbax coordinates the processes); only process 0 writes
+  `config.json`.
+
+  Attributes:
+    workdir: the run's directory.
+    directory: `WORKDIR/checkpoints`.
+    best_metric: metric that ranks checkpoints (None: keep the latest only).
+    best_mode: "max" or "min" (None without `best_metric`).
+  """
+
+  def __init__(self, workdir: str | os.PathLike, keep: int | None = 3,
+               best_metric: str | None = None, best_mode: str = "auto",
+               config: Any = None, async_save: bool = True):
+    """Opens (creating if needed) the checkpoints of a workdir.
+
+    Args:
+      workdir: the run's directory; it must not be a file.
+      keep: how many of the latest checkpoints to keep (None keeps all).
+      best_metric: also keep the checkpoint with the best value of this metric
+        (a key of the `metrics` passed to `save`), even when it is older than
+        the last `keep`; "" or None turns this off.
+      best_mode: "max", "min", or "auto" ("min" when the name contains loss,
+        error, perplexity or nll, else "max").
+      config: the run's config (ConfigDict or dict), written to
+        `WORKDIR/config.json` by process 0; None writes nothing.
+      async_save: write checkpoints in a background thread (`save` returns once
+        the arrays are copied off the devices).
+
+    Raises:
+      CheckpointError: `workdir` or `workdir/checkpoints` is a file.
+      ValueError: `keep` < 1 or an unknown `best_mode`.
+    """
+    if keep is not None and keep < 1:
+      raise ValueError(f"keep={keep}: keep at least one checkpoint (or None for all).")
+    self.workdir = _usable_workdir(workdir)
+    self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
+    self.best_metric = best_metric or None
+    self.best_mode = resolve_best_mode(best_metric, best_mode) if best_metric else None
+
+    policies = [checkpoint_managers.LatestN(n=keep)]
+    best_fn = None
+    if self.best_metric:
+      best_fn = _metric_getter(self.best_metric, self.best_mode)
+      # Checkpoints without the metric rank worst (see `_metric_getter`), so
+      # the single best one is always a checkpoint that was evaluated.
+      policies.append(checkpoint_managers.BestN(
+          get_metric_fn=best_fn, reverse=self.best_mode == "min", n=1,
+          keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        create=True,
+        # Unfinished steps of a killed run are never restored; delete them.
+        cleanup_tmp_directories=True,
+        enable_async_checkpointing=async_save,
+        preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+        # orbax writes metrics (and reports best_step) only when best_fn is
+        # set; which checkpoints survive is decided by the policy above alone.
+        best_fn=best_fn,
+        best_mode=self.best_mode or "max",
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          handler_registry=_handler_registry())
+    self._metrics_saved_here: dict[int, dict[str, float]] = {}
+    if config is not None and jax.process_index() == 0:
+      write_config(self.workdir, config, resumed_at=self.latest_step())
+
+  # -- queries ----------------------------------------------------------------
+
+  def all_steps(self) -> list[int]:
+    """Steps of the complete checkpoints, oldest first."""
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """The newest complete checkpoint's step, or None when there is none."""
+    return self._manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """The step with the best `best_metric`, or None (no metric, none evaluated)."""
+    if not self.best_metric:
+      return None
+    step = self._manager.best_step()
+    if step is None or _metric_value(self.metrics(step), self.best_metric) is None:
+      return None
+    return step
+
+  def metrics(self, step: int) -> dict[str, float] | None:
+    """The metrics saved with a step (None when there were none)."""
+    if step in self._metrics_saved_here:  # its files may still be being written
+      return self._metrics_saved_here[step]
+    return self._manager.metrics(step)
+
+  # -- saving -----------------------------------------------------------------
+
+  def save(self, step: int, state: Any, extra: Mapping[str, Any] | None = None,
+           metrics: Mapping[str, Any] | None = None) -> bool:
+    """Writes a checkpoint (in the background unless `async_save=False`).
+
+    Older checkpoints beyond `keep` are deleted, except the best one.
+
+    Args:
+      step: the global step; must increase from checkpoint to checkpoint.
+      state: the TrainState (any pytree of arrays).
+      extra: JSON-serialisable facts to resume with (stage, epoch, data
+        position...); numpy and jax scalars are converted.
+      metrics: scalar metrics of this step, e.g. {"eval/accuracy": 0.9}; the
+        one named `best_metric` ranks the checkpoint.
+
+    Returns:
+      True if saved; False when `step` is the latest checkpoint already (a
+      second save of the same step, e.g. a final save after a periodic one).
+
+    Raises:
+      ValueError: `step` is older than the latest checkpoint, or `extra` or
+        `metrics` cannot be written as JSON.
+    """
+    step = int(step)
+    latest = self.latest_step()
+    if latest is not None and step <= latest:
+      if step == latest:
+        logger.debug("Step %d is already checkpointed in %s.", step, self.directory)
+        return False
+      raise ValueError(
+          f"Cannot save step {step}: {self.directory} already holds the newer step "
+          f"{latest}. Steps must increase across a run (count steps globally over "
+          "stages), or use a fresh workdir.")
+    extra_json = _to_json(dict(extra or {}), "extra")
+    metrics_json = _metrics_to_json(metrics)
+    if self.best_metric and metrics_json is None:
+      # An empty record ranks worst; it also spares orbax's warning about
+      # checkpoints saved without metrics.
+      metrics_json = {}
+    args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state),
+                                 EXTRA_ITEM: ocp.args.JsonSave(extra_json)})
+    saved = bool(self._manager.save(step, args=args, metrics=metrics_json))
+    if saved and metrics_json is not None:
+      self._metrics_saved_here[step] = metrics_json
+    return saved
+
+  def wait(self) -> None:
+    """Blocks until every started save is complete on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and deletions, then releases orbax's threads."""
+    self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+  # -- restoring --------------------------------------------------------------
+
+  def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """Reads a checkpoint into the structure of `template`.
+
+    Args:
+      template: a state of the right structure, e.g. a freshly created
+        TrainState (its values are not used; its shardings are: jax arrays are
+        restored with the template's sharding), or the same with
+        `jax.ShapeDtypeStruct` leaves.
+      step: which checkpoint; None for the latest.
+
+    Returns:
+      `(state, extra)`: the state with the template's pytree structure
+      (TrainState, optax namedtuples, MaskedNode...) and bit-identical arrays,
+      and the `extra` dict saved with it.
+
+    Raises:
+      CheckpointError: no such checkpoint, or one whose variables differ from
+        the template's (named, with what to do).
+    """
+    step = self._existing_step(step)
+    saved = self._manager.item_metadata(step)[STATE_ITEM]
+    if saved is None:
+      raise CheckpointError(f"Step {step} in {self.directory} holds no training state "
+                            f"(no '{STATE_ITEM}' item); it was not written by tlflax.")
+    problem = describe_mismatch(_metadata_leaves(saved), _template_leaves(template))
+    if problem:
+      raise CheckpointError(self._mismatch_message(step, problem))
+    args = ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardRestore(jax.tree_util.tree_map(_abstract, template)),
+        EXTRA_ITEM: ocp.args.JsonRestore()})
+    try:
+      restored = self._manager.restore(step, args=args)
+    except ValueError as e:  # e.g. optax states that differ only in empty nodes
+      first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+      raise CheckpointError(self._mismatch_message(step, first_line)) from e
+    return restored[STATE_ITEM], dict(restored[EXTRA_ITEM] or {})
+
+  def _existing_step(self, step: int | None) -> int:
+    steps = self.all_steps()
+    if not steps:
+      raise CheckpointError(f"No complete checkpoint in {self.directory}.")
+    if step is None:
+      return steps[-1]
+    if int(step) not in steps:
+      raise CheckpointError(f"No checkpoint for step {step} in {self.directory}; "
+                            f"complete checkpoints: {steps}.")
+    return int(step)
+
+  def _mismatch_message(self, step: int, problem: str) -> str:
+    return (f"The checkpoint of step {step} in {self.directory} does not fit the state "
+            f"this run builds:\n{problem}\n"
+            "It was written by a run with another model, number of classes, freeze "
+            "stage or optimizer. Resume with the config that wrote it (see "
+            f"{os.path.join(self.workdir, CONFIG_FILE)}), or use a fresh workdir and "
+            "start from its weights (restore_params_only / init.weights).")
+
+
+def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+  # Without a registry, a manager that has not saved yet does not know how to
+  # read its items: metadata comes back as None until the first save.
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  state_handler = ocp.handlers.StandardCheckpointHandler()
+  registry.add(STATE_ITEM, ocp.args.StandardSave, state_handler)
+  registry.add(STATE_ITEM, ocp.args.StandardRestore, state_handler)
+  extra_handler = ocp.handlers.JsonCheckpointHandler()
+  registry.add(EXTRA_ITEM, ocp.args.JsonSave, extra_handler)
+  registry.add(EXTRA_ITEM, ocp.args.JsonRestore, extra_handler)
+  return registry
+
+
+# ----------------------------------------------------------------------------
+# Weights of a finished run
+# ----------------------------------------------------------------------------
+
+def restore_params_only(path: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+  """The `{"params", "batch_stats"}` of a training checkpoint, as numpy arrays.
+
+  Reads only those two subtrees, so no optimizer (or its template) is needed:
+  for a later stage or feature extraction to start from a finished run.
+
+  Args:
+    path: a workdir, its `checkpoints` directory, or one step's directory
+      (`WORKDIR/checkpoints/<step>`).
+    step: which checkpoint of a workdir; None for the latest. Must be None
+      when `path` is a step directory.
+
+  Returns:
+    `{"params": ..., "batch_stats": ...}` nested dicts of numpy arrays
+    (`batch_stats` is {} for models without BatchNorm).
+
+  Raises:
+    CheckpointError: `path` holds no complete checkpoint (or not `step`).
+  """
+  step_dir = _find_step_dir(os.fspath(path), step)
+  state_dir = os.path.join(step_dir, STATE_ITEM)
+  # The handler reads the item's tree metadata; a Checkpointer would also look
+  # for step metadata, which lives one level up, and warn.
+  saved = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir))
+  tree = saved.tree if hasattr(saved, "tree") else saved
+  wanted = {name: tree.get(name) or {} for name in ("params", "batch_stats")}
+  item = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), wanted)
+  restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                        wanted)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    restored = checkpointer.restore(
+        state_dir,
+        args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                    partial_restore=True))
+  return {name: restored.get(name) or {} for name in wanted}
+
+
+def _find_step_dir(path: str, step: int | None) -> str:
+  if not os.path.isdir(path):
+    what = "does not exist" if not os.path.exists(path) else "is a file"
+    raise CheckpointError(f"{path!r} {what}; pass a workdir, its checkpoints directory "
+                          "or one step's directory.")
+  if os.path.isdir(os.path.join(path, STATE_ITEM)):  # a step directory
+    if step is not None:
+      raise CheckpointError(f"{path!r} is one step's directory; pass its workdir to "
+                            f"choose step {step}.")
+    return path
+  root = os.path.join(path, CHECKPOINT_DIR)
+  root = root if os.path.isdir(root) else path
+  # The finder CheckpointManager uses: unfinished (temporary) steps are skipped.
+  steps = sorted(m.step for m in ocp.path.step.standard_name_format().find_all(root))
+  if not steps:
+    raise CheckpointError(f"No complete training checkpoint under {path!r}.")
+  if step is None:
+    step = steps[-1]
+  if int(step) not in steps:
+    raise CheckpointError(f"No checkpoint for step {step} under {path!r}; "
+                          f"complete checkpoints: {steps}.")
+  return os.path.join(root, str(int(step)))
+
+
+# ----------------------------------------------------------------------------
+# Structure checks
+# ----------------------------------------------------------------------------
+
+def _path_string(key_path) -> str:
+  return jax.tree_util.keystr(key_path, simple=True, separator="/")
+
+
+def _template_leaves(template) -> dict[str, tuple[tuple[int, ...], str]]:
+  leaves = jax.tree_util.tree_flatten_with_path(template)[0]
+  return {_path_string(p): (tuple(np.shape(x)), _dtype_name(x)) for p, x in leaves}
+
+
+def _dtype_name(leaf) -> str:
+  dtype = getattr(leaf, "dtype", None)  # arrays and ShapeDtypeStructs
+  return str(np.dtype(dtype) if dtype is not None else np.asarray(leaf).dtype)
+
+
+def _metadata_leaves(saved) -> dict[str, tuple[tuple[int, ...], str]]:
+  tree = saved.tree if hasattr(saved, "tree") else saved
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_path_string(p): (tuple(m.shape), str(np.dtype(m.dtype)))
+          for p, m in leaves if hasattr(m, "shape")}
+
+
+def describe_mismatch(saved: Mapping[str, tuple], wanted: Mapping[str, tuple],
+                      limit: int = 6) -> str | None:
+  """Lists the variables only one side has and those whose shape or dtype differ.
+
+  Args:
+    saved, wanted: path -> (shape, dtype), for the checkpoint and the template.
+    limit: how many paths to name per kind of difference.
+
+  Returns:
+    A readable multi-line description, or None when they agree.
+  """
+  only_saved = _params_first(set(saved) - set(wanted))
+  only_wanted = _params_first(set(wanted) - set(saved))
+  differing = _params_first(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+  if not (only_saved or only_wanted or differing):
+    return None
+  parts = sorted({k.split("/")[0] for k in only_saved + only_wanted + differing})
+  lines = [f"  differences in: {', '.join(parts)}"]
+  for title, keys in (("in the checkpoint only", only_saved),
+                      ("in this run's state only", only_wanted)):
+    if keys:
+      lines.append(f"  {len(keys)} {title}: " + ", ".join(keys[:limit])
+                   + (" ..." if len(keys) > limit else ""))
+  for key in differing[:limit]:
+    lines.append(f"  {key}: checkpoint {saved[key][0]} {saved[key][1]}, "
+                 f"this run {wanted[key][0]} {wanted[key][1]}")
+  if len(differing) > limit:
+    lines.append(f"  ... and {len(differing) - limit} more with another shape or dtype")
+  return "\n".join(lines)
+
+
+def _params_first(keys) -> list[str]:
+  # Parameter differences explain the most (another model or head), so lead.
+  order = {"params": 0, "batch_stats": 1}
+  return sorted(keys, key=lambda k: (order.get(k.split("/")[0], 2), k))
+
+
+def _abstract(leaf):
+  # Shape, dtype and sharding are all orbax needs; the template's values are
+  # never read, and real arrays would be copied for nothing.
+  if isinstance(leaf, jax.Array):
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+  return leaf
+
+
+# ----------------------------------------------------------------------------
+# Best metric
+# ----------------------------------------------------------------------------
+
+def resolve_best_mode(best_metric: str, mode: str = "auto") -> str:
+  """"max" or "min" for a metric: explicit, or guessed from its name.
+
+  Args:
+    best_metric: e.g. "eval/accuracy" or "eval/loss".
+    mode: "max", "min" or "auto".
+
+  Returns:
+    "min" for "auto" when the name contains loss, error, perplexity or nll;
+    "max" otherwise.
+  """
+  if mode in ("max", "min"):
+    return mode
+  if mode != "auto":
+    raise ValueError(f"Unknown best_mode {mode!r}; use 'max', 'min' or 'auto'.")
+  name = best_metric.lower()
+  return "min" if any(word in name for word in _LOWER_IS_BETTER) else "max"
+
+
+def _metric_value(metrics, name: str) -> float | None:
+  value = (metrics or {}).get(name)
+  if value is None:
+    return None
+  value = float(value)
+  return None if math.isnan(value) else value
+
+
+def _metric_getter(name: str, mode: str):
+  worst = -math.inf if mode == "max" else math.inf
+
+  def get(metrics) -> float:
+    # Missing or NaN values rank below every real one, so they are never "best".
+    value = _metric_value(metrics, name)
+    return worst if value is None else value
+
+  return get
+
+
+# ----------------------------------------------------------------------------
+# JSON and config
+# ----------------------------------------------------------------------------
+
+def _to_json(value: Any, what: str) -> Any:
+  """`value` with numpy/jax scalars turned into Python numbers; checked for JSON."""
+  def convert(x):
+    if isinstance(x, Mapping):
+      return {str(k): convert(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+      return [convert(v) for v in x]
+    if isinstance(x, (np.generic, np.ndarray, jax.Array)) and np.ndim(x) == 0:
+      return np.asarray(x).item()
+    return x
+
+  converted = convert(value)
+  try:
+    json.dumps(converted)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"The checkpoint's {what} must be JSON-serialisable: {e}") from e
+  return converted
+
+
+def _metrics_to_json(metrics: Mapping[str, Any] | None) -> dict[str, float] | None:
+  if metrics is None:
+    return None
+  try:
+    return {str(k): float(v) for k, v in metrics.items()}
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"Checkpoint metrics must be scalars: {e}") from e
+
+
+def config_to_json(config: Any) -> str:
+  """The config as indented, key-sorted JSON (ConfigDict or plain dict)."""
+  if hasattr(config, "to_json_best_effort"):
+    return config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
+  return json.dumps(config, indent=2, sort_keys=True, default=str) + "\n"
+
+
+def write_config(workdir: str, config: Any, resumed_at: int | None = None) -> str:
+  """Writes `WORKDIR/config.json` once; a resumed run never overwrites it.
+
+  A resumed run with a different config writes
+  `config.resumed_at_step_<N>.json` beside it, so both stay on record.
+  Call from one process only.
+
+  Returns:
+    The path written (or the existing config.json when unchanged).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  text = config_to_json(config)
+  path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      if f.read() == text:
+        return path
+    path = os.path.join(workdir, f"config.resumed_at_step_{resumed_at or 0}.json")
+    logger.warning("The config differs from %s; writing this run's to %s.",
+                   os.path.join(workdir, CONFIG_FILE), path)
+  _write_atomically(path, text)
+  return path
+
+
+def _write_atomically(path: str, text: str) -> None:
+  partial = f"{path}.partial-{os.getpid()}"
+  with open(partial, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(partial, path)
+
+
+def _usable_workdir(workdir: str | os.PathLike) -> str:
+  workdir = os.path.abspath(os.fspath(workdir))
+  for path in (workdir, os.path.join(workdir, CHECKPOINT_DIR)):
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise CheckpointError(f"{path} is a file, not a directory; choose another workdir "
+                            "(checkpoints go to WORKDIR/checkpoints/).")
+  return workdir
+
+
+# ----------------------------------------------------------------------------
+# Preemption
+# ----------------------------------------------------------------------------
+
+_preempted = threading.Event()
+_previous_handlers: dict[int, Any] = {}
+
+
+def install_preemption_handler(signals=(signal.SIGTERM,)) -> bool:
+  """Turns SIGTERM into a flag that `preemption_requested()` reports.
+
+  The training loop polls the flag, saves a final checkpoint and exits
+  cleanly; a second signal ends the process the usual way. Call it from the
+  main thread.
+
+  In a multi-process run, SIGTERM is left to JAX's preemption service (which
+  `jax.distributed.initialize` starts): every process must stop at the same
+  step, which `preemption_requested(step)` agrees on.
+
+  Args:
+    signals: the signals to catch.
+
+  Returns:
+    True if handlers were installed (single process), False otherwise.
+  """
+  if jax.process_count() > 1:
+    return False
+  for sig in signals:
+    previous = signal.signal(sig, _on_signal)
+    if previous is not _on_signal:  # installing twice must not chain to itself
+      _previous_handlers[sig] = previous
+  return True
+
+
+def _on_signal(signum, frame) -> None:
+  if _preempted.is_set():  # second signal: do what it would have done
+    previous = _previous_handlers.get(signum)
+    # None: a handler not set from Python; the default is the safe stand-in.
+    signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+    os.kill(os.getpid(), signum)
+    return
+  logger.warning("Received signal %d: will save a checkpoint and stop.", signum)
+  _preempted.set()
+
+
+def preemption_requested(step: int | None = None) -> bool:
+  """Whether the loop should save and stop now.
+
+  Args:
+    step: the current step. In a multi-process run pass it at every step on
+      every process: JAX's preemption sync point then tells all processes to
+      stop at the same step.
+
+  Returns:
+    True after SIGTERM (single process) or at the agreed step (multi-process).
+  """
+  if _preempted.is_set():
+    return True
+  if step is not None and jax.process_count() > 1:
+    try:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      return bool(multihost_utils.reached_preemption_sync_point(int(step)))
+    except RuntimeError:  # the preemption service is disabled
+      return False
+  return False
+
+
+def reset_preemption() -> None:
+  """Clears the flag (for tests and for code that handles a preemption itself)."""
+  _preempted.clear()
