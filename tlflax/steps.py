@@ -94,7 +94,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
   Returns:
     A pure function; `batch` holds "image" (NHWC) and "label" (int). Metrics: loss, accuracy, grad_norm (trainable
-    parameters), and per group grad_norm/... and update_norm/....
+    parameters), state_finite (updated parameters and statistics), and per group
+    grad_norm/... and update_norm/....
   """
   if freezing.all_frozen:
     raise ValueError("Every parameter is frozen: there is nothing to train. "
@@ -120,6 +121,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
     metrics = {
         "loss": loss,
+        # Checked by the loop before it keeps a state: a finite loss can still
+        # come with an update that overflows the parameters or statistics.
+        "state_finite": jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in
+                                           jax.tree.leaves((trainable, batch_stats))])),
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
         "grad_norm": optax.tree.norm(grads),
         **group_norms(grads, freezing, "grad_norm"),

@@ -167,16 +167,19 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         batch = sharding.to_global(batch, mesh)
         new_state, step_metrics = train_step(state, batch)
         loss = float(step_metrics["loss"])
-        if not math.isfinite(loss):
+        if not math.isfinite(loss) or not bool(step_metrics["state_finite"]):
           # The last good checkpoint stays; the bad state is never saved.
+          what = f"Loss became {loss}" if not math.isfinite(loss) else (
+              "The update made parameters or BatchNorm statistics non-finite")
           raise NonFiniteLossError(
-              f"Loss became {loss} at step {step + 1}; stopping. The last good checkpoint "
+              f"{what} at step {step + 1}; stopping. The last good checkpoint "
               f"(step {ckpt.latest_step()}) is kept in {workdir}. Lower the learning rate "
               "or check the data.")
         state, step = new_state, step + 1
 
         if step % config.log_every_steps == 0 or step == run.total_steps:
           values = jax.tree.map(float, step_metrics)
+          values.pop("state_finite")
           values["images_per_second"] = progress.update(step, values)
           values["learning_rate"] = float(optim.schedule_fn(config.optimizer,
                                                             run.total_steps)(step))
