@@ -16,6 +16,7 @@ import pytest
 import torch
 import torchvision
 
+from conftest import shared_data
 from tlflax import checkpoint, metrics, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,9 +74,13 @@ def _flatten(tree, prefix=""):
   return out
 
 
-@pytest.mark.parametrize("name", ["digits.py", "demo.py"])
+@pytest.mark.parametrize("name", ["digits.py", "demo.py", "folder.py"])
 def test_offline_configs_run_one_step(name, tmp_path):
-  config = load_config(name, *SMALL, "--config.num_train_steps=1")
+  if name == "folder.py":
+    shared_data("hymenoptera")
+    shared_data("cifar10-resnets")
+  small = SMALL if name != "folder.py" else [o for o in SMALL if "model.name" not in o]
+  config = load_config(name, *small, "--config.num_train_steps=1")
   result = train.train_and_evaluate(config, str(tmp_path))
   results = result if isinstance(result, list) else [result]
   assert all(np.isfinite(r.get("loss_mean", r.get("eval/loss"))) for r in results)
@@ -87,6 +92,18 @@ def test_offline_configs_run_one_step(name, tmp_path):
     assert {line["split"] for line in lines} == {"train", "eval"}
     assert (tmp_path / "config.json").exists()
     assert list((tmp_path / "tensorboard").iterdir())
+
+
+def test_documented_online_config_is_complete():
+  """The ResNet-50 tfds config needs the network; check that it at least builds."""
+  for dataset in ("oxford_flowers102", "cifar10"):
+    config = load_config("resnet50_tfds.py")
+    assert config.init.weights == "resnet50.tv2_in1k"
+    spec = importlib.util.spec_from_file_location("r50", os.path.join(REPO, "configs",
+                                                                      "resnet50_tfds.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.get_config(dataset).data.name == dataset
 
 
 def test_misspelt_config_key_fails_on_the_command_line(tmp_path):
