@@ -11,7 +11,7 @@ import pytest
 
 from conftest import shared_data
 from tlflax import data, defaults
-from tlflax.data import digits, pipeline, sources, transforms
+from tlflax.data import digits, sources, transforms
 
 
 def data_config(**overrides):

@@ -250,7 +250,8 @@ def test_unknown_id_suggests_close_ones():
 
 def test_torchvision_entries_match_installed_torchvision():
   tv_models = pytest.importorskip("torchvision.models")
-  entries = pretrained.list_ids(source="torchvision")
+  # The CIFAR ResNets are read by the torchvision converter but not published by it.
+  entries = [i for i in pretrained.list_ids(source="torchvision") if ".tv" in i]
   assert len(entries) == 20
   for weight_id in entries:
     entry = pretrained.get(weight_id)

@@ -17,7 +17,7 @@ from tlflax.weights.common import (MergeReport, WeightsError, check_fits, flatte
 
 SOURCES = ("torchvision", "timm", "keras", "tlflax")
 
-__all__ = ["SOURCES", "MergeReport", "WeightsError", "load", "merge_pretrained",
+__all__ = ["SOURCES", "MergeReport", "WeightsError", "flatten", "load", "merge_pretrained",
            "convert_to_flat"]
 
 
