@@ -12,7 +12,8 @@ measured in the same run on the same machine:
 * torch: torchvision with `requires_grad=False` on frozen parameters and
   `eval()` on frozen BatchNorm layers (only for torchvision model names).
 
-Times are medians of `--steps` steps after one warm-up; FLOPs and peak memory
+Train steps are jitted with the state donated, as in `tlflax.train`. Times are
+medians of `--steps` steps after one warm-up; FLOPs and peak memory
 come from XLA's analysis of the compiled step. Ratios are to our forward pass.
 
     .venv/bin/python benchmarks/freeze_cost.py                        # all three models
@@ -118,9 +119,11 @@ def measure_jax(name, size, batch_size, n_steps):
 
 
 def time_step(step, state, batch, n_steps):
-  jitted = jax.jit(step)
+  # Donated state, as in the training loop: otherwise every step copies the
+  # (frozen) parameters it returns unchanged.
+  jitted = jax.jit(step, donate_argnums=0)
   flops, memory = xla_costs(jitted, state, batch)
-  holder = {"state": state}
+  holder = {"state": jax.tree.map(jnp.copy, state)}  # the caller's arrays stay valid
 
   def run():
     holder["state"], metrics = jitted(holder["state"], batch)
