@@ -302,3 +302,16 @@ def test_restore_params_only_needs_no_optimizer(tmp_path, variables):
   assert not np.any(latest["params"]["head"]["kernel"])
   with pytest.raises(checkpoint.CheckpointError, match="complete checkpoints: \\[1, 2\\]"):
     checkpoint.restore_params_only(tmp_path, step=9)
+
+
+def test_relative_paths_work(tmp_path, variables, monkeypatch):
+  """The README passes a relative --workdir; orbax itself wants absolute paths."""
+  monkeypatch.chdir(tmp_path)
+  state = make_state(variables)
+  with checkpoint.Checkpointer("run", async_save=False) as ckpt:
+    ckpt.save(1, state)
+  loaded = checkpoint.restore_params_only("run")
+  np.testing.assert_array_equal(loaded["params"]["head"]["kernel"],
+                                np.asarray(state.params["head"]["kernel"]))
+  restored, _ = checkpoint.Checkpointer("run").restore(state)
+  assert int(restored.step) == int(state.step)

@@ -308,7 +308,7 @@ def restore_params_only(path: str | os.PathLike, step: int | None = None) -> dic
   Raises:
     CheckpointError: `path` holds no complete checkpoint (or not `step`).
   """
-  step_dir = _find_step_dir(os.fspath(path), step)
+  step_dir = _find_step_dir(os.path.abspath(os.fspath(path)), step)
   state_dir = os.path.join(step_dir, STATE_ITEM)
   # The handler reads the item's tree metadata; a Checkpointer would also look
   # for step metadata, which lives one level up, and warn.

@@ -45,6 +45,7 @@ def run_config(config: ml_collections.ConfigDict, overrides: dict[str, Any],
 def run_study(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
   """Runs every entry of `config.runs`; returns one result dict per run."""
   from tlflax import train  # pylint: disable=import-outside-toplevel
+  workdir = os.path.abspath(workdir)
   results = []
   for overrides in config.runs:
     overrides = dict(overrides)

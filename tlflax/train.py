@@ -130,6 +130,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     `{"eval/accuracy": ..., "eval/loss": ..., "step": ..., "start": ...}`; for
     a study config (one with `runs`, see `tlflax.study`), a list of those.
   """
+  workdir = os.path.abspath(workdir)  # orbax wants absolute paths
   if config.get("runs"):
     from tlflax import study  # pylint: disable=import-outside-toplevel
     return study.run_study(config, workdir)
