@@ -73,8 +73,3 @@ def to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Places a host pytree on every device (identical on every process)."""
   return jax.device_put(tree, replicated(mesh))
-
-
-def is_main_process() -> bool:
-  return jax.process_index() == 0
-

@@ -155,6 +155,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   per_epoch = run.train_data.steps_per_epoch
   eval_every = config.eval_every_steps or per_epoch
   save_every = config.checkpoint_every_steps or per_epoch
+  learning_rate = optim.schedule_fn(config.optimizer, run.total_steps)
   writer = metrics.MetricsWriter(workdir)
   progress = metrics.Progress(run.total_steps, int(state.step), config.batch_size)
   step = int(state.step)
@@ -182,8 +183,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           values = jax.tree.map(float, step_metrics)
           values.pop("state_finite")
           values["images_per_second"] = progress.update(step, values)
-          values["learning_rate"] = float(optim.schedule_fn(config.optimizer,
-                                                            run.total_steps)(step))
+          values["learning_rate"] = float(learning_rate(step))
           writer.write(step, "train", values)
         if step % eval_every == 0 or step == run.total_steps:
           final = evaluate(eval_step, state, run.eval_data, mesh)
