@@ -54,6 +54,16 @@ def base_config() -> ml_collections.ConfigDict:
       rules="none",           # spec string (see tlflax.freeze.rules_from_spec)
       batchnorm_mode="frozen_layers",
   ))
+  # Staged fine-tuning: a list of stage dicts (see tlflax.stages; recipes
+  # stages.lp_ft, gradual_unfreezing, delayed_backbone). Empty: one stage made
+  # of freeze.rules, optimizer and num_epochs / num_train_steps.
+  config.stages = ()
+  # Train a frozen prefix's output from a cache (see tlflax.prefix_cache);
+  # used by stages whose stem and first stages are frozen, with data.augment="none".
+  config.prefix_cache = ml_collections.ConfigDict(dict(
+      enabled=False,
+      directory="",           # "" = $TLFLAX_CACHE_DIR/prefix (~/.cache/tlflax/prefix)
+  ))
   config.optimizer = optim.default_config()
   config.label_smoothing = 0.0
 

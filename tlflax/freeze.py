@@ -253,6 +253,13 @@ def layerwise_lr_decay(stage_names: Sequence[str], decay: float):
   return rules
 
 
+def backbone_multiplier(multiplier: float):
+  """The head at the base rate, everything else at `multiplier` times it."""
+  if not 0 < multiplier <= 1:
+    raise ValueError(f"The backbone multiplier must be in (0, 1], got {multiplier}.")
+  return [("head/.*", 1.0), (".*", multiplier)]
+
+
 def discriminative(groups: Mapping[str, float], default: RuleValue = "trainable"):
   """Named groups with their own multipliers, e.g. {"stem|stage1": 0.1}, then `default`."""
   rules = [(f"({pattern})/.*", multiplier) for pattern, multiplier in groups.items()]
@@ -263,7 +270,7 @@ def rules_from_spec(spec: str | FreezeRules, stage_names: Sequence[str]):
   """Rule lists from short config strings.
 
   Accepted: "none" / "full" (train everything), "linear_probe", "depth:K",
-  "surgical:STAGE", "batchnorm", "lld:DECAY"; a list of `(regex, rule)` pairs
+  "surgical:STAGE", "batchnorm", "lld:DECAY", "backbone_lr:MULTIPLIER"; a list of `(regex, rule)` pairs
   is returned unchanged.
   """
   if not isinstance(spec, str):
@@ -282,7 +289,10 @@ def rules_from_spec(spec: str | FreezeRules, stage_names: Sequence[str]):
       return batchnorm_only()
     if name == "lld":
       return layerwise_lr_decay(stage_names, float(argument))
+    if name == "backbone_lr":
+      return backbone_multiplier(float(argument))
   except ValueError as e:
     raise ValueError(f"Freeze spec {spec!r}: {e}") from e
   raise ValueError(f"Unknown freeze spec {spec!r}. Use 'none', 'linear_probe', 'depth:K', "
-                   "'surgical:STAGE', 'batchnorm', 'lld:DECAY' or a list of (regex, rule).")
+                   "'surgical:STAGE', 'batchnorm', 'lld:DECAY', 'backbone_lr:M' or a list "
+                   "of (regex, rule).")

@@ -73,3 +73,16 @@ def to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Places a host pytree on every device (identical on every process)."""
   return jax.device_put(tree, replicated(mesh))
+
+
+def host_copy(tree: Any) -> Any:
+  """A numpy copy of a (replicated) pytree, on any process.
+
+  Replicated arrays of a multi-process run are not fully addressable; every
+  process holds a whole copy, so this process's first shard is the value.
+  """
+  def fetch(leaf):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      return np.asarray(leaf.addressable_data(0))
+    return np.asarray(leaf)
+  return jax.tree.map(fetch, tree)

@@ -24,7 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tlflax import checkpoint, data, freeze, metrics, models, optim, sharding, steps, weights
+from tlflax import (checkpoint, data, freeze, metrics, models, optim, prefix_cache, sharding,
+                    steps, weights)
+from tlflax import stages as stages_lib
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +41,26 @@ class Setup:
   model: Any
   train_data: Any
   eval_data: Any
+  stages: list[stages_lib.Stage]
+  variables: Any  # the starting variables (before any resume)
+  start: str  # "resumed", "pretrained" or "scratch"
+
+  @property
+  def total_steps(self) -> int:
+    return self.stages[-1].end
+
+
+@dataclasses.dataclass
+class StageRun:
+  """One stage, compiled: its freezing, optimizer, jitted steps and data."""
+  stage: stages_lib.Stage
   freezing: freeze.Freezing
   tx: Any
-  state: steps.TrainState
-  total_steps: int
-  start: str  # "resumed", "pretrained" or "scratch"
+  train_step: Any
+  eval_step: Any
+  train_data: Any
+  eval_data: Any
+  cached_stage: str | None  # the frozen prefix read from the prefix cache
 
 
 def total_train_steps(config, steps_per_epoch: int) -> int:
@@ -83,7 +100,7 @@ def initial_variables(config, model, image_shape, workdir_has_checkpoint: bool):
 
 
 def setup(config, workdir: str, ckpt: checkpoint.Checkpointer) -> Setup:
-  """Data, model, freezing, optimizer and the starting state (steps 1-3 above)."""
+  """Data, model, the stage plan and the starting variables (steps 2-3 above)."""
   sharding.check_batch_size(config.batch_size)
   sharding.check_batch_size(config.eval_batch_size, "eval_batch_size")
   train_data, eval_data = build_datasets(config)
@@ -93,19 +110,116 @@ def setup(config, workdir: str, ckpt: checkpoint.Checkpointer) -> Setup:
   size = config.data.image_size
   resume = ckpt.latest_step() is not None
   variables, start = initial_variables(config, model, (size, size, 3), resume)
+  plan = stages_lib.plan(config, train_data.steps_per_epoch,
+                         total_train_steps(config, train_data.steps_per_epoch))
+  return Setup(model, train_data, eval_data, plan, variables, "resumed" if resume else start)
 
-  rules = freeze.rules_from_spec(config.freeze.rules, model.stage_names)
-  freezing = freeze.compile_rules(rules, variables["params"],
-                                  batchnorm_mode=config.freeze.batchnorm_mode)
-  total_steps = total_train_steps(config, train_data.steps_per_epoch)
-  tx = optim.make_optimizer(config.optimizer, freezing, total_steps)
-  state = steps.create_train_state(variables, tx, freezing)
-  if resume:
-    state, _ = ckpt.restore(state)
-    start = "resumed"
-  log.info("Start: %s (step %d of %d) in %s", start, int(state.step), total_steps, workdir)
-  log.info("Freezing:\n%s", freezing.summary(config.optimizer.learning_rate))
-  return Setup(model, train_data, eval_data, freezing, tx, state, total_steps, start)
+
+def compile_freezing(config, stage: stages_lib.Stage, model, params) -> freeze.Freezing:
+  try:
+    rules = freeze.rules_from_spec(stage.freeze, model.stage_names)
+  except ValueError as e:
+    raise ValueError(f"Stage {stage.name!r}: {e}") from e
+  return freeze.compile_rules(rules, params, batchnorm_mode=config.freeze.batchnorm_mode)
+
+
+def build_stage(config, run: Setup, stage: stages_lib.Stage, variables, mesh) -> StageRun:
+  """Compiles one stage: freezing, optimizer, steps, and its prefix cache if enabled."""
+  freezing = compile_freezing(config, stage, run.model, variables["params"])
+  tx = stages_lib.make_stage_optimizer(stage, freezing)
+  model, train_data, eval_data = run.model, run.train_data, run.eval_data
+  cached_stage = None
+  if config.prefix_cache.enabled:
+    cached_stage = prefix_cache.frozen_prefix(model, freezing, variables["params"])
+    if cached_stage is None:
+      log.info("Stage %s: no frozen prefix, so no prefix cache.", stage.name)
+    elif train_data.augment != "none":
+      log.warning("Stage %s: prefix cache skipped: data.augment=%r is random; set "
+                  "data.augment='none' to train from cached features.", stage.name,
+                  train_data.augment)
+      cached_stage = None
+  if cached_stage is not None:
+    host_variables = sharding.host_copy(variables)
+    caches = []
+    for split, dataset in (("train", train_data), ("eval", eval_data)):
+      features, labels, hit = prefix_cache.prefix_outputs(
+          config.model.name, model, host_variables, dataset, config.data, split,
+          cached_stage, config.eval_batch_size, config.prefix_cache.directory)
+      caches.append(prefix_cache.cached_dataset(dataset, features, labels))
+      log.info("Stage %s: %s features of %s (%s) %s the prefix cache.", stage.name,
+               cached_stage, split, "x".join(map(str, features.shape)),
+               "read from" if hit else "written to")
+    train_data, eval_data = caches
+    model = model.clone(input_stage=cached_stage)
+
+  replicated, batch_sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  # The steps: pure functions, jitted with explicit shardings; state donated.
+  train_step = jax.jit(steps.make_train_step(model, tx, freezing, config.label_smoothing,
+                                             config.seed),
+                       in_shardings=(replicated, batch_sharded),
+                       out_shardings=(replicated, replicated), donate_argnums=0)
+  eval_step = jax.jit(steps.make_eval_step(model),
+                      in_shardings=(replicated, batch_sharded), out_shardings=replicated)
+  log.info("Stage %s (%d of %d): steps %d-%d, %s\n%s", stage.name, stage.index + 1,
+           len(run.stages), stage.start + 1, stage.end, "freeze " + str(stage.freeze),
+           freezing.summary(stage.optimizer.learning_rate))
+  return StageRun(stage, freezing, tx, train_step, eval_step, train_data, eval_data,
+                  cached_stage)
+
+
+def initial_state(config, run: Setup, ckpt: checkpoint.Checkpointer, mesh
+                  ) -> tuple[StageRun, steps.TrainState]:
+  """The state to start from (fresh or resumed) and the stage it belongs to."""
+  latest = ckpt.latest_step()
+  stage = stages_lib.stage_of_state(run.stages, latest or 0)
+  variables = run.variables
+  if latest is not None:
+    # The stage's freezing and optimizer give the template to restore into.
+    freezing = compile_freezing(config, stage, run.model, variables["params"])
+    template = steps.create_train_state(
+        variables, stages_lib.make_stage_optimizer(stage, freezing), freezing)
+    state, extra = ckpt.restore(template)
+    saved = (extra.get("stage", "train"), extra.get("stage_start", 0))
+    if saved != (stage.name, stage.start):
+      raise checkpoint.CheckpointError(
+          f"The checkpoint at step {latest} in {ckpt.directory} was written in stage "
+          f"{saved[0]!r} (from step {saved[1]}), but this config puts step {latest} in "
+          f"stage {stage.name!r} (from step {stage.start}): the stages changed since. "
+          "Restore the original config, or train in a new workdir.")
+    if latest == stage.end and len(run.stages) > 1:  # killed between the two saves
+      eval_metrics = {k.split("/", 1)[1]: v for k, v in (ckpt.metrics(latest) or {}).items()}
+      save_finished_stage(config, ckpt.workdir, stage, state, eval_metrics)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+  current = build_stage(config, run, stage, variables, mesh)
+  if latest is None:
+    state = steps.create_train_state(variables, current.tx, current.freezing)
+  log.info("Start: %s (step %d of %d, stage %s)", run.start, int(state.step),
+           run.total_steps, stage.name)
+  return current, sharding.replicate(state, mesh)
+
+
+def next_stage(config, run: Setup, current: StageRun, state, mesh) -> tuple[StageRun, Any]:
+  """Moves a state into the next stage: new freezing and optimizer, carried state."""
+  stage = run.stages[current.stage.index + 1]
+  host_state = sharding.host_copy(state)
+  upcoming = build_stage(config, run, stage,
+                         {"params": host_state.params, "batch_stats": host_state.batch_stats},
+                         mesh)
+  trainable, _ = upcoming.freezing.split(host_state.params)
+  opt_state = stages_lib.carry_optimizer_state(
+      host_state.opt_state, current.freezing, upcoming.tx.init(trainable),
+      upcoming.freezing, reset=stage.reset_optimizer)
+  return upcoming, sharding.replicate(host_state.replace(opt_state=opt_state), mesh)
+
+
+def save_finished_stage(config, workdir: str, stage: stages_lib.Stage, state,
+                        eval_metrics: dict[str, float]) -> None:
+  """Keeps the state at the end of a stage in `WORKDIR/stages/<name>` (for later studies)."""
+  with checkpoint.Checkpointer(os.path.join(workdir, "stages", stage.name), keep=1,
+                               config=config, async_save=False) as kept:
+    if kept.latest_step() != stage.end:
+      kept.save(stage.end, state, extra={"stage": stage.name},
+                metrics={f"eval/{k}": v for k, v in eval_metrics.items()} or None)
 
 
 def evaluate(eval_step, state, eval_data, mesh) -> dict[str, float]:
@@ -141,72 +255,80 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   checkpoint.install_preemption_handler()
   run = setup(config, workdir, ckpt)
   mesh = sharding.make_mesh()
-  replicated, batch_sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-  state = sharding.replicate(run.state, mesh)
-
-  # The steps: pure functions, jitted with explicit shardings; state donated.
-  train_step = jax.jit(steps.make_train_step(run.model, run.tx, run.freezing,
-                                             config.label_smoothing, config.seed),
-                       in_shardings=(replicated, batch_sharded),
-                       out_shardings=(replicated, replicated), donate_argnums=0)
-  eval_step = jax.jit(steps.make_eval_step(run.model),
-                      in_shardings=(replicated, batch_sharded), out_shardings=replicated)
+  current, state = initial_state(config, run, ckpt, mesh)
 
   per_epoch = run.train_data.steps_per_epoch
   eval_every = config.eval_every_steps or per_epoch
   save_every = config.checkpoint_every_steps or per_epoch
-  learning_rate = optim.schedule_fn(config.optimizer, run.total_steps)
   writer = metrics.MetricsWriter(workdir)
   progress = metrics.Progress(run.total_steps, int(state.step), config.batch_size)
   step = int(state.step)
-  final = {}
+  final, stage_results = {}, {}
   last_saved = step if run.start == "resumed" else None
 
   try:
     while step < run.total_steps:
-      epoch, first_batch = divmod(step, per_epoch)
-      for batch in run.train_data.batches(epoch=epoch, start_batch=first_batch):
-        batch = sharding.to_global(batch, mesh)
-        new_state, step_metrics = train_step(state, batch)
-        loss = float(step_metrics["loss"])
-        if not math.isfinite(loss) or not bool(step_metrics["state_finite"]):
-          # The last good checkpoint stays; the bad state is never saved.
-          what = f"Loss became {loss}" if not math.isfinite(loss) else (
-              "The update made parameters or BatchNorm statistics non-finite")
-          raise NonFiniteLossError(
-              f"{what} at step {step + 1}; stopping. The last good checkpoint "
-              f"(step {ckpt.latest_step()}) is kept in {workdir}. Lower the learning rate "
-              "or check the data.")
-        state, step = new_state, step + 1
+      if stages_lib.stage_of_next_step(run.stages, step).index != current.stage.index:
+        current, state = next_stage(config, run, current, state, mesh)
+      stage = current.stage
+      learning_rate = optim.schedule_fn(stage.optimizer, stage.num_steps)
+      while step < stage.end:
+        epoch, first_batch = divmod(step, per_epoch)
+        for batch in current.train_data.batches(epoch=epoch, start_batch=first_batch):
+          batch = sharding.to_global(batch, mesh)
+          new_state, step_metrics = current.train_step(state, batch)
+          loss = float(step_metrics["loss"])
+          if not math.isfinite(loss) or not bool(step_metrics["state_finite"]):
+            # The last good checkpoint stays; the bad state is never saved.
+            what = f"Loss became {loss}" if not math.isfinite(loss) else (
+                "The update made parameters or BatchNorm statistics non-finite")
+            raise NonFiniteLossError(
+                f"{what} at step {step + 1}; stopping. The last good checkpoint "
+                f"(step {ckpt.latest_step()}) is kept in {workdir}. Lower the learning "
+                "rate or check the data.")
+          state, step = new_state, step + 1
+          stage_done = step == stage.end
 
-        if step % config.log_every_steps == 0 or step == run.total_steps:
-          values = jax.tree.map(float, step_metrics)
-          values.pop("state_finite")
-          values["images_per_second"] = progress.update(step, values)
-          values["learning_rate"] = float(learning_rate(step))
-          writer.write(step, "train", values)
-        if step % eval_every == 0 or step == run.total_steps:
-          final = evaluate(eval_step, state, run.eval_data, mesh)
-          writer.write(step, "eval", final)
-          log.info("step %d eval: %s", step, final)
-        preempted = checkpoint.preemption_requested(step)
-        if step % save_every == 0 or step == run.total_steps or preempted:
-          ckpt.save(step, state, extra={"epoch": epoch},
-                    metrics={f"eval/{k}": v for k, v in final.items()} or None)
-          last_saved = step
-        if preempted:
-          log.warning("Preempted: saved step %d, exiting; rerun to resume.", step)
-          ckpt.wait()
-          return {"step": step, "preempted": True, "start": run.start}
-        if step >= run.total_steps:
-          break
+          if step % config.log_every_steps == 0 or stage_done:
+            values = jax.tree.map(float, step_metrics)
+            values.pop("state_finite")
+            values["images_per_second"] = progress.update(step, values)
+            values["learning_rate"] = float(learning_rate(step - stage.start))
+            values["stage"] = float(stage.index)
+            writer.write(step, "train", values)
+          if step % eval_every == 0 or stage_done:
+            final = evaluate(current.eval_step, state, current.eval_data, mesh)
+            writer.write(step, "eval", final)
+            log.info("step %d (stage %s) eval: %s", step, stage.name, final)
+          if stage_done:
+            stage_results[stage.name] = {f"eval/{k}": v for k, v in final.items()}
+            if len(run.stages) > 1:
+              save_finished_stage(config, workdir, stage, state, final)
+          preempted = checkpoint.preemption_requested(step)
+          if step % save_every == 0 or stage_done or preempted:
+            ckpt.save(step, state, extra={"epoch": epoch, "stage": stage.name,
+                                          "stage_start": stage.start},
+                      metrics={f"eval/{k}": v for k, v in final.items()} or None)
+            last_saved = step
+          if preempted:
+            log.warning("Preempted: saved step %d (stage %s), exiting; rerun to resume.",
+                        step, stage.name)
+            ckpt.wait()
+            return {"step": step, "preempted": True, "start": run.start,
+                    "stage": stage.name}
+          if step >= stage.end:
+            break
     if last_saved != step:
-      ckpt.save(step, state, extra={"epoch": step // per_epoch})
+      ckpt.save(step, state, extra={"epoch": step // per_epoch, "stage": current.stage.name,
+                                    "stage_start": current.stage.start})
   finally:
     ckpt.wait()
     ckpt.close()
     writer.close()
     progress.close()
   if not final:  # resumed after the last step: evaluate once for the report
-    final = evaluate(eval_step, state, run.eval_data, mesh)
-  return {"step": step, "start": run.start, **{f"eval/{k}": v for k, v in final.items()}}
+    final = evaluate(current.eval_step, state, current.eval_data, mesh)
+  result = {"step": step, "start": run.start, **{f"eval/{k}": v for k, v in final.items()}}
+  if len(run.stages) > 1:
+    result["stages"] = stage_results
+  return result

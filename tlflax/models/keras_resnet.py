@@ -38,7 +38,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from tlflax.models import layers
-from tlflax.models.resnet import check_last_stage, classifier_head
+from tlflax.models.resnet import check_stages, classifier_head, runs_stage
 
 ModuleDef = Any
 
@@ -161,6 +161,7 @@ class KerasResNet(nn.Module):
     num_classes: size of the `head` layer; `None` builds no head and returns
       the pooled features. The head returns logits (Keras applies softmax).
     last_stage: truncate after this stage ("stem", "stage1", ...).
+    input_stage: the input is this stage's output; see `resnet.runs_stage`.
     dtype: computation dtype (parameters stay float32).
     frozen_batchnorm: regexes over BatchNorm module paths held in inference
       mode (see `layers.BatchNorm`).
@@ -175,6 +176,7 @@ class KerasResNet(nn.Module):
   preact: bool = False
   num_classes: Optional[int] = 1000
   last_stage: Optional[str] = None
+  input_stage: Optional[str] = None
   dtype: Any = jnp.float32
   frozen_batchnorm: tuple[str, ...] = ()
   bn_epsilon: float = KERAS_BN_EPSILON
@@ -192,11 +194,12 @@ class KerasResNet(nn.Module):
     norm = functools.partial(layers.BatchNorm, momentum=self.bn_momentum,
                              epsilon=self.bn_epsilon, dtype=self.dtype,
                              frozen_patterns=self.frozen_batchnorm)
-    check_last_stage(self.last_stage, self.stage_names)
+    check_stages(self)
     x = x.astype(self.dtype)
 
-    x = KerasStem(preact=self.preact, conv=conv, norm=norm, name="stem")(x, train)
-    layers.sow_feature(self, "stem", x)
+    if runs_stage(self, "stem"):
+      x = KerasStem(preact=self.preact, conv=conv, norm=norm, name="stem")(x, train)
+      layers.sow_feature(self, "stem", x)
     if self.last_stage != "stem":
       last = len(self.stage_sizes) - 1
       for i, num_blocks in enumerate(self.stage_sizes):
@@ -205,6 +208,8 @@ class KerasResNet(nn.Module):
           strides = 1 if i == last else 2
         else:  # v1 strides into every stage but the first
           strides = 1 if i == 0 else 2
+        if not runs_stage(self, name):
+          continue
         x = KerasStage(num_blocks=num_blocks, filters=64 * 2**i, strides=strides,
                        preact=self.preact, conv=conv, norm=norm,
                        post_norm=self.preact and i == last, name=name)(x, train)

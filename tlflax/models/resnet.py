@@ -115,6 +115,8 @@ class ResNet(nn.Module):
       channels, parameter-free "option A" shortcuts).
     last_stage: truncate the network after this stage (e.g. "stage3"); the
       head, if any, then sits on that stage's pooled output.
+    input_stage: the input is this stage's output (e.g. cached features) and
+      the network runs from the next stage on; see `runs_stage`.
     dtype: computation dtype (parameters stay float32).
     frozen_batchnorm: regexes over BatchNorm module paths held in inference
       mode (see `layers.BatchNorm`).
@@ -133,6 +135,7 @@ class ResNet(nn.Module):
   width_per_group: int = 64
   cifar_stem: bool = False
   last_stage: Optional[str] = None
+  input_stage: Optional[str] = None
   dtype: Any = jnp.float32
   frozen_batchnorm: tuple[str, ...] = ()
   bn_epsilon: float = 1e-5
@@ -150,11 +153,12 @@ class ResNet(nn.Module):
     norm = functools.partial(layers.BatchNorm, momentum=self.bn_momentum,
                              epsilon=self.bn_epsilon, dtype=self.dtype,
                              frozen_patterns=self.frozen_batchnorm)
-    check_last_stage(self.last_stage, self.stage_names)
+    check_stages(self)
     x = x.astype(self.dtype)
 
-    x = Stem(cifar=self.cifar_stem, conv=conv, norm=norm, name="stem")(x, train)
-    layers.sow_feature(self, "stem", x)
+    if runs_stage(self, "stem"):
+      x = Stem(cifar=self.cifar_stem, conv=conv, norm=norm, name="stem")(x, train)
+      layers.sow_feature(self, "stem", x)
     if self.last_stage != "stem":
       base = 16 if self.cifar_stem else 64
       block_options = dict(conv=conv, norm=norm)
@@ -164,6 +168,8 @@ class ResNet(nn.Module):
         block_options.update(groups=self.groups, base_width=self.width_per_group)
       for i, num_blocks in enumerate(self.stage_sizes):
         name = f"stage{i + 1}"
+        if not runs_stage(self, name):
+          continue
         x = ResNetStage(block=self.block, num_blocks=num_blocks,
                         filters=base * 2**i, strides=1 if i == 0 else 2,
                         block_options=block_options, name=name)(x, train)
@@ -190,10 +196,31 @@ class Stem(nn.Module):
     return nn.max_pool(x, (3, 3), (2, 2), padding=layers.symmetric_padding(1))
 
 
-def check_last_stage(last_stage, stage_names):
-  if last_stage is not None and last_stage not in stage_names:
-    raise ValueError(f"last_stage={last_stage!r} is not a stage of this model; "
-                     f"choose one of {list(stage_names)}.")
+def check_stages(module: nn.Module) -> None:
+  """Checks a model's `last_stage` and `input_stage` against its stage names."""
+  names = list(module.stage_names)
+  for field in ("last_stage", "input_stage"):
+    value = getattr(module, field)
+    if value is not None and value not in names:
+      raise ValueError(f"{field}={value!r} is not a stage of this model; "
+                       f"choose one of {names}.")
+  if (module.input_stage is not None and module.last_stage is not None
+      and names.index(module.input_stage) >= names.index(module.last_stage)):
+    raise ValueError(f"input_stage={module.input_stage!r} must come before "
+                     f"last_stage={module.last_stage!r}: nothing would be left to run.")
+
+
+def runs_stage(module: nn.Module, name: str) -> bool:
+  """False for the stages up to and including `input_stage`, which the input replaces.
+
+  A model with `input_stage="stage2"` takes stage 2's output (e.g. from a
+  prefix cache) and runs stage 3 onwards with the same parameter names, so
+  the full model's variables apply unchanged.
+  """
+  if module.input_stage is None:
+    return True
+  names = list(module.stage_names)
+  return names.index(name) > names.index(module.input_stage)
 
 
 def classifier_head(module: nn.Module, pooled):

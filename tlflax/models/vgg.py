@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from tlflax.models import layers
-from tlflax.models.resnet import check_last_stage, classifier_head
+from tlflax.models.resnet import check_stages, classifier_head, runs_stage
 
 # Channels per convolution, grouped by stage (torchvision configurations A, B, D, E).
 VGG_STAGES = {
@@ -42,6 +42,7 @@ class VGG(nn.Module):
     dropout_rate: dropout after each hidden layer in training (0 for Keras).
     last_stage: truncate after this stage; a convolution stage is then
       globally average-pooled before the head.
+    input_stage: the input is this stage's output; see `resnet.runs_stage`.
     dtype, frozen_batchnorm: as for `ResNet`.
   """
   stages: Sequence[Sequence[int]]
@@ -50,6 +51,7 @@ class VGG(nn.Module):
   hidden_size: int = 4096
   dropout_rate: float = 0.5
   last_stage: Optional[str] = None
+  input_stage: Optional[str] = None
   dtype: Any = jnp.float32
   frozen_batchnorm: tuple[str, ...] = ()
   bn_epsilon: float = 1e-5
@@ -61,10 +63,12 @@ class VGG(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    check_last_stage(self.last_stage, self.stage_names)
+    check_stages(self)
     x = x.astype(self.dtype)
     for i, channels in enumerate(self.stages):
       name = f"stage{i + 1}"
+      if not runs_stage(self, name):
+        continue
       x = VGGStage(channels=tuple(channels), batch_norm=self.batch_norm,
                    dtype=self.dtype, norm=functools.partial(
                        layers.BatchNorm, momentum=self.bn_momentum,
@@ -74,10 +78,11 @@ class VGG(nn.Module):
       layers.sow_feature(self, name, x)
       if name == self.last_stage:
         return classifier_head(self, layers.global_avg_pool(x))
-    x = layers.adaptive_avg_pool(x, (7, 7)).reshape(x.shape[0], -1)
-    x = HiddenLayers(hidden_size=self.hidden_size, dropout_rate=self.dropout_rate,
-                     dtype=self.dtype, name="fc")(x, train)
-    layers.sow_feature(self, "fc", x)
+    if runs_stage(self, "fc"):
+      x = layers.adaptive_avg_pool(x, (7, 7)).reshape(x.shape[0], -1)
+      x = HiddenLayers(hidden_size=self.hidden_size, dropout_rate=self.dropout_rate,
+                       dtype=self.dtype, name="fc")(x, train)
+      layers.sow_feature(self, "fc", x)
     return classifier_head(self, x)
 
 
