@@ -324,3 +324,24 @@ def test_frozen_prefix_finds_the_deepest_frozen_stage():
   assert prefix("none") is None
   assert prefix("surgical:stage2") == "stage1"
   assert prefix("depth:2", mode="none") is None  # frozen layers' statistics would adapt
+
+
+def test_copying_the_first_stages_only(uninterrupted):
+  """`init.up_to_stage`: the split experiments copy stem ... stage k and re-initialise the rest."""
+  workdir, _ = uninterrupted
+  config = staged_config()
+  config.init.weights, config.init.source, config.init.up_to_stage = workdir, "workdir", "stage1"
+  model = models.get_model("cifar_resnet20", num_classes=5)
+  copied, start = train.initial_variables(config, model, (32, 32, 3), False)
+  config.init.weights = ""
+  fresh, _ = train.initial_variables(config, model, (32, 32, 3), False)
+  source = checkpoint.restore_params_only(workdir)
+  assert start == "pretrained"
+  for collection in ("params", "batch_stats"):
+    for path, value in flatten(copied[collection]).items():
+      expected = (flatten(source[collection]) if path.split("/")[0] in ("stem", "stage1")
+                  else flatten(fresh[collection]))[path]
+      np.testing.assert_array_equal(value, expected, err_msg=path)
+  config.init.weights, config.init.up_to_stage = workdir, "stage7"
+  with pytest.raises(ValueError, match="up_to_stage='stage7'.*stage3"):
+    train.initial_variables(config, model, (32, 32, 3), False)

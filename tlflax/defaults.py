@@ -28,6 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
       weights="",             # weight file, tlflax checkpoint dir or pretrained id; "" = scratch
       source="",              # torchvision | timm | keras | tlflax ("" for an id) | workdir
       keep_head=False,        # True: keep the pretrained head (same classes, e.g. to resume a task)
+      up_to_stage="",         # copy only the stem ... this stage; later ones stay freshly initialised
   ))
 
   config.data = ml_collections.ConfigDict(dict(

@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 from typing import Any
 
 import jax
@@ -94,7 +95,19 @@ def initial_variables(config, model, image_shape, workdir_has_checkpoint: bool):
     # A new task gets a new head, even when the old one has the same shape.
     pretrained = {collection: {k: v for k, v in tree.items() if k != "head"}
                   for collection, tree in pretrained.items()}
-  variables, report = weights.merge_pretrained(variables, pretrained)
+  if config.init.up_to_stage:
+    # Copy the first stages only (the transfer experiments of Yosinski et al.).
+    names = list(model.stage_names)
+    if config.init.up_to_stage not in names:
+      raise ValueError(f"init.up_to_stage={config.init.up_to_stage!r} is not a stage of "
+                       f"{config.model.name}; choose one of {names}.")
+    copied = set(names[:names.index(config.init.up_to_stage) + 1])
+    pretrained = {collection: {k: v for k, v in tree.items() if k in copied}
+                  for collection, tree in pretrained.items()}
+  fresh = [k for k in variables["params"] if k == "head" or k not in pretrained["params"]]
+  reinit = [rf"(params|batch_stats)/{re.escape(k)}(/.*)?" for k in fresh] if (
+      config.init.up_to_stage) else [r"(params|batch_stats)/head(/.*)?"]
+  variables, report = weights.merge_pretrained(variables, pretrained, reinit=reinit)
   log.info("Pretrained weights %s: %s", config.init.weights, report)
   return variables, "pretrained"
 

@@ -1,0 +1,359 @@
+"""A sweep's results read back: rows, results.csv, results.md and the plot.
+
+`tlflax.sweep` runs the points; this module only reads what they left in the
+sweep's workdir (`sweep.json` and one `<point>/result.json` per finished
+point), so it works on any subset of finished points, and its table, CSV and
+plot functions are pure and usable from a notebook:
+
+    rows = sweep_results.collect("workdirs/depth_sweep")
+    print(sweep_results.markdown_table(rows))
+    sweep_results.plot(rows, "accuracy.png", x_key="freeze.rules")
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SWEEP_FILE = "sweep.json"    # the sweep's points and base config
+RESULT_FILE = "result.json"  # in a point's directory once it has finished
+DEFAULT_X = "freeze.rules"   # the setting on the plot's x-axis
+SEED_KEY = "seed"            # averaged over in the table and the plot
+NAME_KEY = "name"            # a point's optional explicit name, not a setting
+
+
+class SweepError(ValueError):
+  """A sweep config, point or workdir that cannot be used as it is."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """A finished point, as `collect` reads it back.
+
+  `settings` holds every key the sweep varies, with this point's value: its
+  override, or the base config's value where the point does not override it.
+  """
+  point: str
+  settings: dict[str, Any]
+  accuracy: float  # eval accuracy, a fraction
+  loss: float
+  steps: int
+  wall_seconds: float
+  start: str = ""  # "pretrained", "scratch" or "resumed"
+  finished: str = ""
+
+
+def value_hash(value: Any) -> str:
+  """A short stable hash of a JSON-able value (a tuple hashes as its list)."""
+  text = json.dumps(value, sort_keys=True, default=repr)
+  return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  """A nested dict as `{"dotted.key": value}`."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, f"{prefix}{key}."))
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
+def read_sweep(workdir: str) -> dict[str, Any]:
+  """The contents of `workdir/sweep.json`: `points`, `config` and `x`."""
+  path = os.path.join(workdir, SWEEP_FILE)
+  if not os.path.exists(path):
+    raise SweepError(f"{path} does not exist, so {workdir} is not a sweep's workdir. Run "
+                     "`python -m tlflax.sweep --config FILE --workdir DIR` (or --list) first.")
+  with open(path) as f:
+    return json.load(f)
+
+
+def collect(workdir: str) -> list[Row]:
+  """The finished points of a sweep, in sweep order; unfinished ones are left out.
+
+  Args:
+    workdir: the sweep's directory.
+
+  Returns:
+    One `Row` per point with a result.json (`missing_points` names the
+    others, and a warning lists them).
+  """
+  record = read_sweep(workdir)
+  config = flatten(record["config"])
+  swept = list(dict.fromkeys(key for p in record["points"] for key in p["overrides"]
+                             if key != NAME_KEY))
+  rows = []
+  for entry in record["points"]:
+    path = os.path.join(workdir, entry["name"], RESULT_FILE)
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      result = json.load(f)
+    metrics = result["metrics"]
+    settings = {key: entry["overrides"].get(key, config.get(key)) for key in swept}
+    rows.append(Row(entry["name"], settings, float(metrics["eval/accuracy"]),
+                    float(metrics["eval/loss"]), int(metrics.get("step", 0)),
+                    float(result["wall_seconds"]), str(metrics.get("start", "")),
+                    result.get("finished", "")))
+  if len(rows) < len(record["points"]):
+    missing = missing_points(workdir)
+    log.warning("%d of %d points have not finished: %s", len(missing), len(record["points"]),
+                ", ".join(missing))
+  return rows
+
+
+def missing_points(workdir: str) -> list[str]:
+  """Names of the sweep's points that have no result.json yet."""
+  return [entry["name"] for entry in read_sweep(workdir)["points"]
+          if not os.path.exists(os.path.join(workdir, entry["name"], RESULT_FILE))]
+
+
+def _csv_cell(value: Any) -> str:
+  if isinstance(value, str):
+    return value if value else '""'
+  if isinstance(value, (list, dict)):
+    return json.dumps(value)
+  return str(value)
+
+
+def write_csv(rows: Sequence[Row], path: str) -> None:
+  """Writes one line per point: its name, each swept setting, accuracy, loss, steps, time.
+
+  Settings are written as configured: an empty string as `""`, lists and
+  dicts as JSON, a setting a row lacks as an empty cell. Accuracy is a fraction.
+
+  Args:
+    rows: from `collect`.
+    path: the CSV file to write.
+  """
+  keys = list(dict.fromkeys(key for row in rows for key in row.settings))
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["point", *keys, "eval_accuracy", "eval_loss", "steps", "wall_seconds",
+                     "start", "finished"])
+    for row in rows:
+      cells = [_csv_cell(row.settings[k]) if k in row.settings else "" for k in keys]
+      writer.writerow([row.point, *cells,
+                       f"{row.accuracy:.6f}", f"{row.loss:.6f}", row.steps,
+                       f"{row.wall_seconds:.1f}", row.start, row.finished])
+
+
+def display_value(key: str, value: Any) -> str:
+  """A short, readable form of a setting for tables and legends.
+
+  Example: `display_value("init.weights", "")` is "scratch"; a list shows as
+  a hash such as "#3f2a9c01".
+  """
+  if key.endswith("init.weights") and value == "":
+    return "scratch"
+  if isinstance(value, str):
+    return value if len(value) <= 40 else f"{value[:30]}…{value_hash(value)[:6]}"
+  if isinstance(value, (list, tuple, dict)):
+    return f"#{value_hash(value)[:8]}"
+  return str(value)
+
+
+def group_rows(rows: Sequence[Row], exclude: Sequence[str]) -> dict[tuple, list[Row]]:
+  """Rows grouped by their settings other than `exclude`, in order of appearance.
+
+  Args:
+    rows: from `collect`.
+    exclude: settings that vary within a group, e.g. ("seed",).
+
+  Returns:
+    `{((key, value as JSON), ...): [rows]}`.
+  """
+  groups: dict[tuple, list[Row]] = {}
+  for row in rows:
+    key = tuple((k, json.dumps(v, sort_keys=True)) for k, v in row.settings.items()
+                if k not in exclude)
+    groups.setdefault(key, []).append(row)
+  return groups
+
+
+def markdown_table(rows: Sequence[Row], missing: Sequence[str] = (), title: str = "") -> str:
+  """Accuracy per group of the non-seed settings: mean ± std over seeds and n.
+
+  Args:
+    rows: from `collect`.
+    missing: names of unfinished points, listed under the table.
+    title: a line above the table.
+
+  Returns:
+    Markdown text; accuracy in %, std the sample standard deviation (n - 1).
+  """
+  keys = [k for k in dict.fromkeys(k for row in rows for k in row.settings) if k != SEED_KEY]
+  lines = [f"{title}\n"] if title else []
+  lines.append("| " + " | ".join([*keys, "n", "eval accuracy (%)", "per seed", "eval loss",
+                                  "steps"]) + " |")
+  lines.append("|" + "---|" * (len(keys) + 5))
+  for members in group_rows(rows, exclude=(SEED_KEY,)).values():
+    accuracies = np.array([100 * r.accuracy for r in members])
+    spread = f" ± {accuracies.std(ddof=1):.1f}" if len(members) > 1 else ""
+    cells = [display_value(k, members[0].settings.get(k, "")) for k in keys]
+    cells += [str(len(members)), f"{accuracies.mean():.1f}{spread}",
+              ", ".join(f"{a:.1f}" for a in accuracies),
+              f"{np.mean([r.loss for r in members]):.3f}",
+              "/".join(str(s) for s in sorted({r.steps for r in members}))]
+    lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+  lines.append("\nMean ± sample standard deviation over the n seeds of each row.")
+  if missing:
+    lines.append(f"Not finished ({len(missing)}): {', '.join(missing)}.")
+  return "\n".join(lines)
+
+
+def x_value(key: str, value: Any) -> Any:
+  """Where a setting goes on the x-axis: a number, or the label of a categorical tick.
+
+  For `freeze.rules`, `depth:K` is K, `linear_probe` is "probe" and `none`
+  is "full" (fine-tuning everything); other specs are their own label.
+  """
+  if key.endswith("freeze.rules") and isinstance(value, str):
+    name, _, argument = value.partition(":")
+    if name == "depth" and argument.isdigit():
+      return int(argument)
+    return {"linear_probe": "probe", "none": "full", "full": "full"}.get(name, value)
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    return value
+  return display_value(key, value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Series:
+  """One line of the plot: accuracies (%) over seeds at each x value."""
+  label: str
+  xs: list[Any]
+  accuracies: list[list[float]]  # per x, one value per seed
+
+  @property
+  def means(self) -> list[float]:
+    return [float(np.mean(a)) for a in self.accuracies]
+
+
+def plot_series(rows: Sequence[Row], x_key: str) -> list[Series]:
+  """The plot's data: one series per combination of the settings other than x and seed.
+
+  Args:
+    rows: from `collect`.
+    x_key: the setting on the x-axis, e.g. "freeze.rules".
+
+  Returns:
+    Series in order of appearance, with x values in order of appearance; a
+    label names the settings that differ between series.
+  """
+  if not any(x_key in row.settings for row in rows):
+    raise SweepError(f"No point sets {x_key!r}, so there is nothing to plot against; choose "
+                     "the x-axis with --x=KEY or SWEEP_X in the config.")
+  groups = group_rows(rows, exclude=(x_key, SEED_KEY))
+  varying = [k for k in dict.fromkeys(k for key in groups for k, _ in key)
+             if len({dict(key).get(k) for key in groups}) > 1]
+  series = []
+  for members in groups.values():
+    by_x: dict[Any, list[float]] = {}
+    for row in members:
+      by_x.setdefault(x_value(x_key, row.settings.get(x_key)), []).append(100 * row.accuracy)
+    settings = members[0].settings
+    label = ", ".join(f"{k}={display_value(k, settings.get(k))}" for k in varying)
+    series.append(Series(label or "all points", list(by_x), list(by_x.values())))
+  return series
+
+
+def axis_ticks(series: Sequence[Series]) -> list[Any] | None:
+  """Categorical x ticks in order of appearance; None when every x is a number.
+
+  Series with a single x value are baselines (drawn across the axis) when
+  others vary x, and then add no tick.
+  """
+  varied = [s for s in series if len(s.xs) > 1] or series
+  xs = list(dict.fromkeys(x for s in varied for x in s.xs))
+  if all(isinstance(x, (int, float)) for x in xs):
+    return None
+  return xs
+
+
+def plot(rows: Sequence[Row], path: str, x_key: str = DEFAULT_X, title: str = "") -> None:
+  """Writes a PNG of accuracy against `x_key`: mean over seeds, shaded min to max.
+
+  A series with one x value (a baseline, such as training from scratch) is
+  drawn as a horizontal line and band when other series vary x.
+
+  Args:
+    rows: from `collect`.
+    path: the PNG to write.
+    x_key: the setting on the x-axis.
+    title: the plot's title.
+  """
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  series = plot_series(rows, x_key)
+  ticks = axis_ticks(series)
+  some_vary_x = any(len(s.xs) > 1 for s in series)
+  figure = Figure(figsize=(6.4, 4.4), layout="constrained")  # no pyplot: no global state
+  axes = figure.add_subplot()
+  for index, s in enumerate(series):
+    color, seeds = f"C{index % 10}", max(len(a) for a in s.accuracies)
+    lows, highs = [min(a) for a in s.accuracies], [max(a) for a in s.accuracies]
+    if some_vary_x and len(s.xs) == 1:
+      axes.axhline(s.means[0], color=color, linestyle="--",
+                   label=f"{s.label} ({x_key}={s.xs[0]}, n={seeds})")
+      axes.axhspan(lows[0], highs[0], color=color, alpha=0.12)
+      continue
+    positions = [ticks.index(x) for x in s.xs] if ticks else s.xs
+    axes.plot(positions, s.means, marker="o", color=color, label=f"{s.label} (n={seeds})")
+    axes.fill_between(positions, lows, highs, color=color, alpha=0.2)
+    for position, values in zip(positions, s.accuracies):
+      axes.scatter([position] * len(values), values, color=color, s=8, alpha=0.5)
+  if ticks:
+    axes.set_xticks(range(len(ticks)), [str(t) for t in ticks])
+  else:  # a tick at each number plotted (freeze depths are whole numbers)
+    plotted = sorted({x for s in series if len(s.xs) > 1 or not some_vary_x for x in s.xs})
+    if len(plotted) <= 12:
+      axes.set_xticks(plotted)
+  is_depth = x_key.endswith("freeze.rules")
+  axes.set_xlabel("freeze depth (stages frozen after the stem)" if is_depth else x_key)
+  axes.set_ylabel("eval accuracy (%)")
+  axes.set_title(title or "mean over seeds; band: min to max", fontsize=10)
+  axes.grid(alpha=0.3)
+  axes.legend(fontsize=8)
+  figure.savefig(path, dpi=120)
+
+
+def plot_path(workdir: str, x_key: str) -> str:
+  """`workdir/accuracy_vs_depth.png` for freeze.rules, else `accuracy_vs_<key>.png`."""
+  name = "depth" if x_key.endswith("freeze.rules") else x_key.replace(".", "_")
+  return os.path.join(workdir, f"accuracy_vs_{name}.png")
+
+
+def write_reports(workdir: str, x_key: str | None = None) -> tuple[list[Row], list[str]]:
+  """Writes results.csv, results.md and the plot from the points finished so far.
+
+  Args:
+    workdir: the sweep's directory.
+    x_key: the plot's x-axis; None for the one recorded in sweep.json.
+
+  Returns:
+    The rows, and the names of the points not finished yet.
+  """
+  x_key = x_key or read_sweep(workdir).get("x") or DEFAULT_X
+  rows, missing = collect(workdir), missing_points(workdir)
+  if not rows:
+    raise SweepError(f"No point of the sweep in {workdir} has finished yet; nothing to collect "
+                     f"({len(missing)} points to run).")
+  write_csv(rows, os.path.join(workdir, "results.csv"))
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(markdown_table(rows, missing) + "\n")
+  try:
+    plot(rows, plot_path(workdir, x_key), x_key)
+  except SweepError as e:
+    log.warning("No plot: %s", e)
+  return rows, missing
