@@ -15,8 +15,8 @@ Prints two tables, measured in one run on the same data:
    the previous depth's, so the data goes through each stage once).
 
 Targets: cached epochs at least 10x faster for k = all-but-head; the sweep at
-most half the naive time. Reads ../shared/data/hymenoptera when present, else
-the offline digits.
+most half the naive time. Reads ../shared/data/hymenoptera (or `--data`) when
+present, else the offline digits.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ HYMENOPTERA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..
 def make_config(args, depth: int, cached: bool, cache_dir: str):
   config = defaults.base_config()
   config.model.name = args.model
-  if os.path.isdir(HYMENOPTERA):
-    config.data.source, config.data.path = "folder", HYMENOPTERA
+  if os.path.isdir(args.data):
+    config.data.source, config.data.path = "folder", os.path.abspath(args.data)
     config.data.train_split, config.data.eval_split = "train", "val"
   else:
     config.data.source, config.data.name = "digits", "target"
@@ -87,13 +87,15 @@ def epoch_seconds(config, workdir: str, repeats: int) -> float:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--model", default="resnet18")
+  parser.add_argument("--data", default=HYMENOPTERA,
+                      help="image folder with train/ and val/ (else the offline digits)")
   parser.add_argument("--image_size", type=int, default=64)
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--epochs", type=int, default=3, help="epochs per sweep point")
   parser.add_argument("--repeats", type=int, default=2, help="timed epochs (best is kept)")
   args = parser.parse_args(argv)
   scratch = tempfile.mkdtemp(prefix="tlflax-prefix-bench-")
-  data = "hymenoptera" if os.path.isdir(HYMENOPTERA) else "digits 5-9"
+  data = args.data if os.path.isdir(args.data) else "digits 5-9"
   print(f"{args.model}, {args.image_size} px, batch {args.batch_size}, {data}; "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
         f"{os.cpu_count()} CPU cores", flush=True)

@@ -224,6 +224,7 @@ def test_preempted_in_stage_two_resumes_bit_identical(uninterrupted, tmp_path, m
   assert_trees_equal(checkpoint.restore_params_only(workdir),
                      checkpoint.restore_params_only(reference_dir))
   assert resumed["eval/accuracy"] == reference["eval/accuracy"]
+  assert resumed["stages"] == reference["stages"]  # stage 1's from its kept checkpoint
   # The optimizer state (stage 2's momentum) is bit-identical too.
   resumed_slots = leaves_by_path(saved_state(workdir, 6)["opt_state"])
   reference_slots = leaves_by_path(saved_state(reference_dir, 6)["opt_state"])

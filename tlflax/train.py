@@ -15,6 +15,7 @@ computes exactly what the uninterrupted run would have.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -80,10 +81,19 @@ def build_datasets(config):
   return train_data, eval_data
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def init_variables(model, seed: int, image_shape: tuple[int, ...]):
+  """`model.init` for one image, compiled once per (model, shape) in a process.
+
+  A sweep or study builds the same model many times; equal modules hash
+  equal, so only the first run pays for compiling the initialisation.
+  """
+  return model.init(jax.random.key(seed), jnp.zeros((1, *image_shape)))
+
+
 def initial_variables(config, model, image_shape, workdir_has_checkpoint: bool):
   """Fresh variables, with pretrained weights merged in when configured."""
-  variables = jax.jit(model.init)(jax.random.key(config.seed), jnp.zeros((1, *image_shape)))
-  variables = jax.tree.map(np.asarray, variables)
+  variables = jax.tree.map(np.asarray, init_variables(model, config.seed, tuple(image_shape)))
   if workdir_has_checkpoint or not config.init.weights:
     return variables, "scratch"
   if config.init.source == "workdir":  # the final state of another training run
@@ -228,8 +238,10 @@ def next_stage(config, run: Setup, current: StageRun, state, mesh) -> tuple[Stag
 def save_finished_stage(config, workdir: str, stage: stages_lib.Stage, state,
                         eval_metrics: dict[str, float]) -> None:
   """Keeps the state at the end of a stage in `WORKDIR/stages/<name>` (for later studies)."""
+  # A best_metric makes orbax keep the metrics with the step.
   with checkpoint.Checkpointer(os.path.join(workdir, "stages", stage.name), keep=1,
-                               config=config, async_save=False) as kept:
+                               best_metric=config.best_metric, config=config,
+                               async_save=False) as kept:
     if kept.latest_step() != stage.end:
       kept.save(stage.end, state, extra={"stage": stage.name},
                 metrics={f"eval/{k}": v for k, v in eval_metrics.items()} or None)
@@ -343,5 +355,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     final = evaluate(current.eval_step, state, current.eval_data, mesh)
   result = {"step": step, "start": run.start, **{f"eval/{k}": v for k, v in final.items()}}
   if len(run.stages) > 1:
-    result["stages"] = stage_results
+    result["stages"] = {s.name: stage_results.get(s.name) or finished_stage_metrics(config, workdir, s)
+                        for s in run.stages if s.end <= step}
   return result
+
+
+def finished_stage_metrics(config, workdir: str, stage: stages_lib.Stage) -> dict[str, float]:
+  """The evaluation kept with a finished stage's checkpoint (for a resumed run's report)."""
+  with checkpoint.Checkpointer(os.path.join(workdir, "stages", stage.name), keep=1,
+                               best_metric=config.best_metric) as kept:
+    return kept.metrics(stage.end) or {}
