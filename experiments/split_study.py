@@ -122,7 +122,7 @@ def plot(rows, baseline, path: str) -> None:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", default="workdirs/split_study")
-  parser.add_argument("--seeds", default="0,1")
+  parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--per_class", type=int, default=20)
   parser.add_argument("--base_steps", type=int, default=150)
   parser.add_argument("--target_steps", type=int, default=80)
