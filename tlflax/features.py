@@ -36,7 +36,7 @@ import numpy as np
 from ml_collections import config_flags
 import tqdm
 
-from tlflax import checkpoint, data, models, weights
+from tlflax import checkpoint, data, models, train
 from tlflax.weights import pretrained as pretrained_ids
 from tlflax.weights.common import WeightsError, flatten, merge_pretrained, model_shapes, unflatten
 
@@ -229,7 +229,7 @@ def read_weights(config) -> dict | None:
     return None
   if config.init.source == "workdir":
     try:
-      return checkpoint.restore_params_only(path)
+      return train.read_pretrained(config)
     except checkpoint.CheckpointError as e:
       raise checkpoint.CheckpointError(
           f"With --config.init.source=workdir, --config.init.weights must be a training "
@@ -240,7 +240,7 @@ def read_weights(config) -> dict | None:
         "existing file or tlflax checkpoint with --config.init.weights=PATH (and "
         "--config.init.source=torchvision|timm|keras|tlflax), a training run with "
         "--config.init.source=workdir, or an id from tlflax.weights.pretrained.list_ids().")
-  return weights.load(config.model.name, path, source=config.init.source or None)
+  return train.read_pretrained(config)
 
 
 def describe_weights(config) -> dict:
@@ -288,8 +288,7 @@ def load_backbone(config, stage: str, image_size: int | None = None) -> Backbone
   if pretrained is None:
     log.warning("No config.init.weights: features of a randomly initialised %s (seed %d).",
                 name, config.seed)
-    variables = jax.jit(model.init)(jax.random.key(config.seed),
-                                    jnp.zeros((1, image_size, image_size, 3)))
+    variables = train.init_variables(model, config.seed, (image_size, image_size, 3))
   else:
     # Every variable comes from the file, so the model is traced for its
     # shapes, not initialised (compiling init's random draws takes seconds).

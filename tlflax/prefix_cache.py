@@ -143,11 +143,9 @@ def in_order(dataset: pipeline.Dataset, batch_size: int) -> pipeline.Dataset:
   if dataset.augment != "none":
     raise ValueError(f"A prefix cache needs deterministic preprocessing, but the data is "
                      f"augmented with {dataset.augment!r}; set data.augment='none'.")
-  fields = {f.name: getattr(dataset, f.name) for f in dataclasses.fields(pipeline.Dataset)}
-  fields.update(training=False, global_batch_size=batch_size, local_batch_size=batch_size,
-                steps_per_epoch=-(-dataset.num_examples // batch_size), process_index=0,
-                process_count=1)
-  return pipeline.Dataset(**fields)
+  return dataclasses.replace(
+      dataset, training=False, global_batch_size=batch_size, local_batch_size=batch_size,
+      steps_per_epoch=-(-dataset.num_examples // batch_size), process_index=0, process_count=1)
 
 
 def prefix_outputs(model_name: str, model, variables, dataset: pipeline.Dataset,

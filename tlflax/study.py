@@ -24,7 +24,8 @@ def run_config(config: ml_collections.ConfigDict, overrides: dict[str, Any],
                workdir: str) -> ml_collections.ConfigDict:
   """The base config with one run's overrides applied (keys must exist)."""
   run = ml_collections.ConfigDict(config.to_dict())
-  del run["runs"]
+  if "runs" in run:  # a study's config; a sweep's has none
+    del run["runs"]
   run.lock()
   for key, value in overrides.items():
     if key in ("name", "seeds"):

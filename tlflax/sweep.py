@@ -156,14 +156,8 @@ def check_overrides(config: ml_collections.ConfigDict, point: Point,
     raise SweepError(f"Point {point.name!r} (sweep() entry {point.index}): {e}") from e
 
 
-def _leaf_keys(config, prefix: str = "") -> set[str]:
-  keys = set()
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      keys |= _leaf_keys(value, f"{prefix}{key}.")
-    else:
-      keys.add(prefix + key)
-  return keys
+def _leaf_keys(config) -> set[str]:
+  return set(sweep_results.flatten(config.to_dict()))
 
 
 def point_config(config: ml_collections.ConfigDict, point: Point,
@@ -173,9 +167,7 @@ def point_config(config: ml_collections.ConfigDict, point: Point,
   An `init.weights` of `"@<point name>"` starts from another point's final
   parameters, in `workdir/<point name>`.
   """
-  base = ml_collections.ConfigDict(config.to_dict())
-  base.runs = ()  # run_config takes a study config and drops its runs
-  return study.run_config(base, point.overrides, workdir)
+  return study.run_config(config, point.overrides, workdir)
 
 
 # -- The sweep's workdir -------------------------------------------------------

@@ -91,16 +91,20 @@ def init_variables(model, seed: int, image_shape: tuple[int, ...]):
   return model.init(jax.random.key(seed), jnp.zeros((1, *image_shape)))
 
 
+def read_pretrained(config) -> dict[str, Any]:
+  """The variables `config.init.weights` names: another run's final state
+  (`init.source="workdir"`) or a weight file / tlflax checkpoint / pretrained id."""
+  if config.init.source == "workdir":
+    return checkpoint.restore_params_only(config.init.weights)
+  return weights.load(config.model.name, config.init.weights, source=config.init.source or None)
+
+
 def initial_variables(config, model, image_shape, workdir_has_checkpoint: bool):
   """Fresh variables, with pretrained weights merged in when configured."""
   variables = jax.tree.map(np.asarray, init_variables(model, config.seed, tuple(image_shape)))
   if workdir_has_checkpoint or not config.init.weights:
     return variables, "scratch"
-  if config.init.source == "workdir":  # the final state of another training run
-    pretrained = checkpoint.restore_params_only(config.init.weights)
-  else:
-    pretrained = weights.load(config.model.name, config.init.weights,
-                              source=config.init.source or None)
+  pretrained = read_pretrained(config)
   if not config.init.keep_head:
     # A new task gets a new head, even when the old one has the same shape.
     pretrained = {collection: {k: v for k, v in tree.items() if k != "head"}
