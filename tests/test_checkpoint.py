@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import with_device_count
 from tlflax import checkpoint, defaults, freeze, models, optim, steps
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -166,7 +167,9 @@ def test_unfinished_step_directories_are_ignored_and_cleaned_up(tmp_path):
 
 
 def run_child(script: str, **popen_args) -> subprocess.Popen:
-  env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  # One device, and the user's other XLA flags kept (e.g. an imitated older CPU).
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
+             XLA_FLAGS=with_device_count(os.environ.get("XLA_FLAGS", ""), 1))
   return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           **popen_args)

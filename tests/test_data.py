@@ -11,7 +11,7 @@ import pytest
 
 from conftest import shared_data
 from tlflax import data, defaults
-from tlflax.data import digits, sources, transforms
+from tlflax.data import digits, pipeline, sources, transforms
 
 
 def data_config(**overrides):
@@ -192,6 +192,42 @@ def test_few_shot_subset_has_that_many_examples_per_class(digits_dir):
   with pytest.raises(ValueError, match="has only"):
     data.build(digits_config(digits_dir, train_examples_per_class=1000), "train",
                training=True, global_batch_size=10)
+
+
+def test_eval_on_unused_train_sees_every_image_the_run_did_not_train_on(digits_dir):
+  config = digits_config(digits_dir, train_examples_per_class=6, augment="none",
+                         eval_on_unused_train=True)
+  for seed in (0, 1):
+    train_images = np.concatenate([b["image"] for b in all_batches(
+        data.build(config, "train", training=True, global_batch_size=10, seed=seed))])
+    evaluation = data.build(config, "eval", training=False, global_batch_size=64, seed=seed)
+    batches = all_batches(evaluation)
+    mask = np.concatenate([b["mask"] for b in batches]) > 0
+    eval_images = np.concatenate([b["image"] for b in batches])[mask]
+    eval_labels = np.concatenate([b["label"] for b in batches])[mask]
+    test_labels = pipeline.load_source(config, "eval").labels()
+    train_labels = pipeline.load_source(config, "train").labels()
+    assert evaluation.num_examples == len(eval_images) == len(test_labels) + len(train_labels) - 30
+    assert image_hashes(eval_images).isdisjoint(image_hashes(train_images))
+    everything = [b["image"][b["mask"] > 0] for b in all_batches(data.build(
+        digits_config(digits_dir, augment="none", eval_split="train+test"), "eval",
+        training=False, global_batch_size=64))]
+    everything = np.concatenate(everything)
+    assert image_hashes(eval_images) | image_hashes(train_images) == image_hashes(everything)
+    np.testing.assert_array_equal(
+        np.bincount(eval_labels, minlength=5),
+        np.bincount(test_labels, minlength=5) + np.bincount(train_labels, minlength=5) - 6)
+
+
+def test_concatenated_sources_need_the_same_classes():
+  first = sources.ArraySource(np.zeros((2, 4, 4, 3), np.uint8), np.array([0, 1]), ("a", "b"))
+  second = sources.ArraySource(np.ones((1, 4, 4, 3), np.uint8), np.array([1]), ("a", "b"))
+  joined = sources.ConcatSource([first, second])
+  raws, labels = joined.read([2, 0])
+  assert len(joined) == 3 and labels.tolist() == [1, 0]
+  assert joined.decode(raws[0]).max() == 1 and joined.decode(raws[1]).max() == 0
+  with pytest.raises(ValueError, match="different classes"):
+    sources.ConcatSource([first, sources.ArraySource(first.pixels, first.all_labels, ("x", "y"))])
 
 
 # ---------------------------------------------------------------- augmentation

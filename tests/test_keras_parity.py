@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from keras.src import backend as keras_backend
 
-from conftest import float32_conditioning, relative_error
+from conftest import INFERENCE_TOLERANCE, float32_conditioning, float32_train_bound, relative_error
 from tlflax import models, weights
 from tlflax.weights import WeightsError, common
 
@@ -32,7 +32,7 @@ from tlflax.weights import WeightsError, common
 pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 
-TOLERANCE = 1e-4
+TOLERANCE = INFERENCE_TOLERANCE
 RESNET_SIZE = 64  # stage4 sees a 2x2 map: stride, padding and pooling all matter
 CLASSES = 10
 
@@ -165,7 +165,9 @@ def test_keras_resnet_parity(name, tmp_path, monkeypatch):
 
   expected = keras_train_mode(reference, images, monkeypatch)
   actual, state = model.apply(variables, images, train=True, mutable=["batch_stats"])
-  bound = max(TOLERANCE, 1.5 * float32_conditioning(model, variables, images))
+  # Keras cannot run these models in float64, so our own float32 error stands
+  # in for the reference's (the same function, conditioned alike).
+  bound = float32_train_bound(float32_conditioning(model, variables, images))
   assert relative_error(actual, expected) < bound
 
   # Keras has now updated its moving statistics from the same batch.

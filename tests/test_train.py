@@ -4,7 +4,6 @@ import ast
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import shared_data
+from conftest import shared_data, with_device_count
 from tlflax import checkpoint, metrics, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,7 +154,7 @@ def test_one_device_and_eight_devices_agree(tmp_path):
   overrides = [*SMALL, "--config.num_train_steps=3", "--config.eval_every_steps=3"]
   runs = {}
   for devices in (1, 8):
-    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    env = {"XLA_FLAGS": with_device_count(os.environ.get("XLA_FLAGS", ""), devices)}
     process = run_main("digits.py", tmp_path / f"d{devices}", *overrides, env=env)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output[-3000:]
@@ -165,61 +164,26 @@ def test_one_device_and_eight_devices_agree(tmp_path):
 
 
 def assert_metrics_agree(one, other):
-  """Equal to float precision at first; SGD then amplifies the rounding of a
-  different summation order (measured for the loss: 0, 8e-8, 2e-5, 6e-4, 2e-3
-  by step 5; for the gradient norm 1e-7 at step 1, 2e-4 at step 2)."""
+  """The same run on another device layout: equal up to summation order.
+
+  Step 1 starts from the same parameters on the same batch; only the order
+  of the sums (per-device partial sums, then the cross-device reduction)
+  differs, and float32 rounds each order differently. Training-mode
+  BatchNorm amplifies that, most in the gradient (measured, 1 vs 8 devices:
+  loss <= 8e-8 and gradient norm <= 2.4e-5 relative, the latter with XLA
+  limited to SSE4.2; 1e-7 with its default kernels). The bound, rel 1e-3,
+  is 40x that, and still 10x below what a sharding mistake moves: BatchNorm
+  statistics over one device's 2 images instead of the global 16, or a
+  dropped or repeated example, change the loss by 1% or more. Later steps
+  train on slightly different parameters, and SGD amplifies the difference
+  in the gradient fastest (measured: its norm up to 2e-3 apart by step 3),
+  so from step 2 on only the losses are compared, at the same rel 1e-3
+  (measured: <= 2.1e-5).
+  """
   for key, line in one.items():
-    tight = key[0] == 1 and key[1] == "train"
-    for name in ("loss", "grad_norm"):
-      if name in line:
-        assert line[name] == pytest.approx(other[key][name], rel=1e-5 if tight else 1e-2), (
-            key, name)
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def test_two_processes_train_together_like_one(tmp_path):
-  """Two jax.distributed processes (4 CPU devices each) = one process with 8."""
-  overrides = [*SMALL, "--config.num_train_steps=3", "--config.eval_every_steps=3"]
-  port = free_port()
-  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  processes = [
-      run_main("digits.py", tmp_path / "two", *overrides, "--config.distributed.enabled=True",
-               f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-               "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
-               env=env)
-      for i in range(2)]
-  outputs = []
-  for process in processes:
-    try:
-      outputs.append(process.communicate(timeout=240)[0])
-    except subprocess.TimeoutExpired:
-      for p in processes:
-        p.kill()
-      pytest.fail("two-process run timed out")
-  for process, output in zip(processes, outputs):
-    assert process.returncode == 0, output[-3000:]
-  assert "Process 1 of 2" in outputs[1] or "process_index" not in outputs[1]
-
-  single = run_main("digits.py", tmp_path / "one", *overrides,
-                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
-  output, _ = single.communicate(timeout=240)
-  assert single.returncode == 0, output[-3000:]
-  two, one = metric_lines(tmp_path / "two"), metric_lines(tmp_path / "one")
-  assert two.keys() == one.keys()
-  assert_metrics_agree(one, two)
-  assert_trees_equal_close(final_params(tmp_path / "two"), final_params(tmp_path / "one"))
-
-
-def assert_trees_equal_close(a, b):
-  flat_a, flat_b = _flatten(a), _flatten(b)
-  assert flat_a.keys() == flat_b.keys()
-  for key in flat_a:
-    np.testing.assert_allclose(flat_a[key], flat_b[key], rtol=1e-3, atol=1e-4, err_msg=key)
+    first_step = key == (1, "train")
+    for name in (("loss", "grad_norm") if first_step else ("loss",)):
+      assert line[name] == pytest.approx(other[key][name], rel=1e-3), (key, name)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -257,13 +221,37 @@ def test_weights_that_do_not_fit(tmp_path):
     train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
-def test_demo_pretrained_start_beats_scratch(tmp_path):
-  config = load_config("demo.py")
-  with config.unlocked():
-    config.runs = [run if "seeds" not in run else {**run, "seeds": [0]}
-                   for run in config.runs]
-  results = {r["run"]: r["accuracy_mean"] for r in train.train_and_evaluate(config, str(tmp_path))}
-  assert results["pretrain"] > 90
-  # Measured: scratch 41%, fine_tune 58%, frozen_features 69% (seed 0).
-  assert results["fine_tune"] > results["scratch"] + 5
-  assert results["frozen_features"] > results["scratch"] + 5
+def test_demo_conclusion_holds_beyond_its_spread(tmp_path):
+  """The README's demo, as a user runs it: its conclusion, beyond its spread.
+
+  Single runs of 40 steps from 25 images change by 10-30 points between
+  CPUs (float32 rounding, amplified by short non-convex training), so the
+  demo has 8 seeds per pretrained start and 16 for scratch (which varies
+  most), and tests on every target image no run trained on. What holds on
+  every CPU setting we ran (default, SSE4.2-only XLA, one core): fine-tuning
+  beats scratch by 4.9-6.0 standard errors of the difference of the means,
+  and the frozen extractor by 2.5-6.1. The test asks for 3 and 1.5: a conclusion
+  that fails these on some machine is not one the README may draw.
+  """
+  # The README's command, on one device as a user runs it (the suite's
+  # eight simulated devices would only slow it down).
+  env = {"XLA_FLAGS": with_device_count(os.environ.get("XLA_FLAGS", ""), 1)}
+  process = run_main("demo.py", tmp_path, env=env)
+  output, _ = process.communicate(timeout=1800)
+  assert process.returncode == 0, output[-3000:]
+  assert "| fine_tune | pretrained | 40 | 8 |" in (tmp_path / "results.md").read_text()
+
+  def accuracies(run):  # %, one per seed, from each run's final evaluation
+    workdirs = sorted((tmp_path / run).glob("seed*")) or [tmp_path / run]
+    return np.asarray([100 * [m for m in metrics.read_metrics(str(w))
+                              if m["split"] == "eval"][-1]["accuracy"] for w in workdirs])
+
+  assert accuracies("pretrain")[0] > 90
+  scratch = accuracies("scratch")
+  for method, required in (("fine_tune", 3.0), ("frozen_features", 1.5)):
+    pretrained = accuracies(method)
+    assert len(pretrained) == 8 and len(scratch) == 16
+    standard_error = np.sqrt(pretrained.var(ddof=1) / len(pretrained)
+                             + scratch.var(ddof=1) / len(scratch))
+    gap = pretrained.mean() - scratch.mean()
+    assert gap > required * standard_error, (method, gap, standard_error)

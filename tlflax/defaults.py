@@ -44,6 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
       std=(0.229, 0.224, 0.225),
       augment="crop_flip",    # crop_flip (pad 4 and crop) | random_resized_crop | none
       train_examples_per_class=0,  # few-shot subset of the train split (0 = all)
+      # With a few-shot subset: evaluate on the eval split plus the train
+      # examples left out of the subset (every image the run never saw).
+      eval_on_unused_train=False,
   ))
 
   config.batch_size = 128     # global batch, split over all devices

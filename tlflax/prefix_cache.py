@@ -92,6 +92,7 @@ def cache_key(model_name: str, model, stage: str, variables, data_config, split:
                                       "resize_size")}
   data["mean"], data["std"] = list(data_config.mean), list(data_config.std)
   data["split"] = data_config.train_split if split == "train" else data_config.eval_split
+  data["eval_on_unused_train"] = bool(data_config.get("eval_on_unused_train", False))
   description = {"version": FORMAT_VERSION, "model": model_name, "stage": stage,
                  "dtype": str(jnp.dtype(model.dtype)), "data": data,
                  "examples": len(example_ids)}

@@ -43,8 +43,21 @@ def initialize_distributed(config) -> None:
 
 
 def make_mesh() -> Mesh:
-  """A one-axis mesh over every device of every process."""
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
+  """A one-axis mesh over every device of every process.
+
+  The axis is `AxisType.Auto`, stated because `jax.make_mesh`'s default
+  changed (JAX 0.9 made it `Explicit`). Our steps give shardings only at the
+  `jax.jit` boundary (`in_shardings` / `out_shardings`) and leave the rest to
+  the compiler, which shards the intermediates and inserts the collectives
+  (the BatchNorm all-reduce over the global batch): that is the `Auto` model.
+  Under `Explicit` the batch sharding is part of every intermediate's type,
+  and an operation that moves data across the batch axis (indexing by
+  example, sorting along it, contracting over it, a reshape that splits it)
+  raises a `ShardingTypeError` at trace time unless it names an output
+  sharding, in model and optimizer code we do not control.
+  """
+  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
+                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -4,7 +4,7 @@ A config with a `runs` list is a study. Each entry is a dict of dotted-key
 overrides plus a `name`; the run trains in `WORKDIR/<name>`. An `init.weights`
 of `"@<name>"` starts from the final parameters of an earlier run of the same
 study. An entry with `seeds: [0, 1, 2]` runs once per seed (`<name>/seed<k>`)
-and is reported as mean and standard deviation. A finished run is resumed at its last step, i.e. skipped, so an
+and is reported as mean and sample standard deviation. A finished run is resumed at its last step, i.e. skipped, so an
 interrupted study continues where it stopped.
 """
 
@@ -72,7 +72,9 @@ def summarise(name: str, runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
   accuracies = [100 * r["eval/accuracy"] for r in runs]
   return {"run": name, "start": runs[0].get("start", ""), "step": runs[0].get("step", ""),
           "seeds": len(runs), "accuracy_mean": float(np.mean(accuracies)),
-          "accuracy_std": float(np.std(accuracies)), "accuracies": accuracies,
+          # The sample standard deviation, as the sweep reports use.
+          "accuracy_std": float(np.std(accuracies, ddof=1)) if len(runs) > 1 else 0.0,
+          "accuracies": accuracies,
           "loss_mean": float(np.mean([r["eval/loss"] for r in runs]))}
 
 

@@ -26,7 +26,11 @@ import os
 
 import numpy as np
 from PIL import Image
-import tensorflow_datasets as tfds
+
+from tlflax.data import tensorflow_setup
+
+# Through tlflax, so TensorFlow stays off the accelerators.
+tfds = tensorflow_setup.import_tfds()
 
 DATASET_NAME = "tlflax_digits"
 CONFIG_NAMES = ("source", "target")

@@ -281,6 +281,14 @@ def build(data_config, split: str, training: bool, global_batch_size: int, seed:
   per_class = int(data_config.train_examples_per_class)
   if split == "train" and per_class > 0:
     example_ids = few_shot_subset(source.labels(), per_class, len(class_names), seed)
+  elif split == "eval" and per_class > 0 and data_config.get("eval_on_unused_train", False):
+    # Every image the run did not train on: the eval split, then the train
+    # split's examples that this seed's few-shot subset left out.
+    train_source = load_source(data_config, "train")
+    used = few_shot_subset(train_source.labels(), per_class, len(class_names), seed)
+    unused = np.setdiff1d(np.arange(len(train_source), dtype=np.int64), used)
+    example_ids = np.concatenate([example_ids, len(source) + unused])
+    source = sources.ConcatSource([source, train_source])
   num_examples = len(example_ids)
   if training:
     steps = num_examples // global_batch_size

@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from tlflax.data import images as image_files
+from tlflax.data import tensorflow_setup
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                     ".ppm", ".pgm")
@@ -142,6 +143,50 @@ class TfdsRandomAccessSource(ExampleSource):
     return _decode_image(raw)
 
 
+@dataclasses.dataclass
+class ConcatSource(ExampleSource):
+  """Several sources with the same classes, one after another.
+
+  Example `i` of the second part is example `len(first) + i` here. Raw items
+  remember their part, so each is decoded by the source it came from.
+  """
+  parts: Sequence[ExampleSource]
+
+  def __post_init__(self):
+    names = {tuple(part.class_names) for part in self.parts}
+    if len(names) != 1:
+      raise ValueError(f"Cannot join sources with different classes: {sorted(names)}.")
+    self.class_names = tuple(self.parts[0].class_names)
+    self.decodes = any(part.decodes for part in self.parts)
+    self._starts = np.cumsum([0] + [len(part) for part in self.parts])
+
+  def __len__(self) -> int:
+    return int(self._starts[-1])
+
+  def labels(self) -> np.ndarray:
+    return np.concatenate([part.labels() for part in self.parts])
+
+  def read(self, indices):
+    indices = np.asarray(indices, np.int64)
+    which = np.searchsorted(self._starts, indices, side="right") - 1
+    raws, labels = [None] * len(indices), np.zeros(len(indices), np.int64)
+    for part_index, part in enumerate(self.parts):
+      rows = np.flatnonzero(which == part_index)
+      if len(rows):
+        part_raws, labels[rows] = part.read(indices[rows] - self._starts[part_index])
+        for row, raw in zip(rows, part_raws):
+          raws[row] = (part_index, raw)
+    return raws, labels
+
+  def decode(self, raw):
+    part_index, item = raw
+    return self.parts[part_index].decode(item)
+
+  def image_shape(self):
+    shapes = {part.image_shape() for part in self.parts}
+    return shapes.pop() if len(shapes) == 1 else None
+
+
 def _decode_image(raw: Any) -> np.ndarray:
   """A path or encoded image bytes -> uint8 RGB (H, W, 3)."""
   if isinstance(raw, (bytes, bytearray, memoryview)):
@@ -168,7 +213,7 @@ def tfds_source(name: str, data_dir: str, split: str) -> ExampleSource:
     FileNotFoundError: the dataset is not prepared in `data_dir`. Raised at
       once: nothing is downloaded.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  tfds = tensorflow_setup.import_tfds()
   builder = prepared_builder(name, data_dir)
   image_key, label_key = _feature_keys(builder.info)
   class_names = tuple(builder.info.features[label_key].names)
@@ -204,7 +249,7 @@ def prepared_builder(name: str, data_dir: str):
   Returns:
     A prepared `tfds.core.DatasetBuilder`.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  tfds = tensorflow_setup.import_tfds()
   shown_dir = data_dir or os.path.expanduser(tfds.core.constants.DATA_DIR)
   how_to = (
       "tlflax reads TFDS datasets offline and never downloads them. Prepare it once "
@@ -228,7 +273,7 @@ def prepared_builder(name: str, data_dir: str):
 
 def _feature_keys(info) -> tuple[str, str]:
   """The (image, label) feature names: the supervised keys, else the first of each kind."""
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  tfds = tensorflow_setup.import_tfds()
   keys = info.supervised_keys
   if (isinstance(keys, (tuple, list)) and len(keys) == 2
       and all(isinstance(k, str) for k in keys)):

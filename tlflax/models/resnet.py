@@ -226,10 +226,13 @@ def runs_stage(module: nn.Module, name: str) -> bool:
 def classifier_head(module: nn.Module, pooled):
   """Sows the pre-logit features and applies the `head` layer if any."""
   layers.sow_feature(module, layers.PRE_LOGITS, pooled)
+  # Outputs leave at least in float32 (bfloat16 compute) and keep float64 when
+  # the model computes in it (the exact parity tests).
+  out_dtype = jnp.promote_types(module.dtype, jnp.float32)
   if module.num_classes is None:
-    return pooled.astype(jnp.float32)
+    return pooled.astype(out_dtype)
   logits = nn.Dense(module.num_classes, dtype=module.dtype, name="head")(pooled)
-  return logits.astype(jnp.float32)
+  return logits.astype(out_dtype)
 
 
 # torchvision
