@@ -35,6 +35,12 @@ def shared_data(*parts: str) -> pathlib.Path:
   return path
 
 
+def metric_lines(workdir) -> dict:
+  """A run's metrics.jsonl as {(step, split): line}."""
+  from tlflax import metrics  # pylint: disable=import-outside-toplevel
+  return {(m["step"], m["split"]): m for m in metrics.read_metrics(str(workdir))}
+
+
 def relative_error(actual, expected) -> float:
   """max |actual - expected| relative to the reference output's scale."""
   actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)

@@ -7,7 +7,6 @@ way a SLURM cluster starts them, where each process learns its rank and its
 peers from the environment alone.
 """
 
-import json
 import os
 import random
 import socket
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
-from conftest import with_device_count
+from conftest import metric_lines, with_device_count
 from tlflax import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,11 +147,6 @@ def wait_all(processes, log_paths, timeout=RUN_TIMEOUT_S):
     pytest.fail(f"{what} (exit codes {codes}; None: still running, killed)\n"
                 + "\n".join(f"--- process {i}\n{out[-3000:]}" for i, out in enumerate(outputs)))
   return outputs
-
-
-def metric_lines(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {(m["step"], m["split"]): m for m in map(json.loads, f)}
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import shared_data, with_device_count
+from conftest import metric_lines, shared_data, with_device_count
 from tlflax import checkpoint, metrics, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,10 +144,6 @@ def test_kill_after_checkpoint_then_resume_is_bit_identical(tmp_path):
 
   assert final_lines(interrupted) == final_lines(reference)
   assert len(final_lines(reference)) == 2
-
-
-def metric_lines(workdir):
-  return {(m["step"], m["split"]): m for m in metrics.read_metrics(str(workdir))}
 
 
 def test_one_device_and_eight_devices_agree(tmp_path):
