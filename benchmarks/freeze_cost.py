@@ -12,7 +12,7 @@ measured in the same run on the same machine:
 * torch: torchvision with `requires_grad=False` on frozen parameters and
   `eval()` on frozen BatchNorm layers (only for torchvision model names).
 
-Train steps are jitted with the state donated, as in `tlflax.train`. Times are
+Train steps are jitted with the state donated, as in `tlflax.training`. Times are
 medians of `--steps` steps after one warm-up; FLOPs and peak memory
 come from XLA's analysis of the compiled step. Ratios are to our forward pass.
 

@@ -6,10 +6,10 @@
 Prints two tables, measured in one run on the same data:
 
 1. Epoch time of a run with the stem and the first k stages frozen, through
-   the training loop's own pieces (`train.build_stage`: data, jitted step),
+   the training loop's own pieces (`tlflax.training.loop.build_stage`: data, jitted step),
    after a warm-up epoch: images through the whole network versus the cached
    stage-k outputs through the rest. k = 4 is everything but the head.
-2. Total time of a 5-depth sweep (k = 0..4, `train.train_and_evaluate` each,
+2. Total time of a 5-depth sweep (k = 0..4, `training.train_and_evaluate` each,
    compilation, evaluation and checkpoints included) done naively versus with
    the prefix cache shared by the sweep (each depth's cache is computed from
    the previous depth's, so the data goes through each stage once).
@@ -51,7 +51,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # pylint: disable=wrong-import-position
 
-from tlflax import defaults, metrics, sharding, train  # pylint: disable=wrong-import-position
+from tlflax import defaults, sharding, steps, training  # pylint: disable=wrong-import-position
+from tlflax.training import loop, metrics
 
 HYMENOPTERA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
                            "data", "hymenoptera")
@@ -79,14 +80,14 @@ def make_config(args, depth: int, cached: bool, cache_dir: str):
 
 def epoch_seconds(config, workdir: str, repeats: int) -> float:
   """Seconds per training epoch (data + steps), after a warm-up epoch."""
-  from tlflax import checkpoint  # pylint: disable=import-outside-toplevel
+  from tlflax.training import checkpoint
   with checkpoint.Checkpointer(workdir, keep=1) as ckpt:
-    run = train.setup(config, workdir, ckpt)
+    run = loop.setup(config, workdir, ckpt)
   mesh = sharding.make_mesh()
   stage = run.stages[0]
-  current = train.build_stage(config, run, stage, run.variables, mesh)
+  current = loop.build_stage(config, run, stage, run.variables, mesh)
   state = sharding.replicate(
-      train.steps.create_train_state(run.variables, current.tx, current.freezing), mesh)
+      steps.create_train_state(run.variables, current.tx, current.freezing), mesh)
 
   def one_epoch(state, epoch):
     for batch in current.train_data.batches(epoch=epoch):
@@ -139,7 +140,7 @@ def main(argv=None) -> None:
       cache_dir = os.path.join(scratch, "sweep-cache")
       begin = time.perf_counter()
       for depth in depths:
-        train.train_and_evaluate(make_config(args, depth, cached, cache_dir),
+        training.train_and_evaluate(make_config(args, depth, cached, cache_dir),
                                  os.path.join(scratch, f"sweep-{cached}-{depth}"))
       sweep[name] = time.perf_counter() - begin
       print(f"  sweep {name}: {sweep[name]:.1f} s", flush=True)

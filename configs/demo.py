@@ -2,9 +2,12 @@
 
     .venv/bin/python -m tlflax.main --config configs/demo.py --workdir workdirs/demo
 
+A sweep (see `tlflax.sweeps`): every run below is a point with its own
+workdir, `workdirs/demo/<point>`, and finished points are skipped when rerun.
 Pretrains a CIFAR ResNet-20 on scikit-learn's handwritten digits 0-4 (the
 source task), then learns digits 5-9 from 5 examples per class (the target
-task) three ways, each over several seeds, and prints one table:
+task) three ways, each over several seeds, and prints one table
+(`results.md`; one row per way, mean ± sample std over its seeds):
 
 * scratch: the same network from random weights;
 * frozen_features: the pretrained network frozen as a feature extractor
@@ -36,17 +39,21 @@ About 4 minutes on 2 CPU cores (`tests/test_train.py` runs it as it is).
 """
 
 from tlflax import defaults
+from tlflax.sweeps import seeded
 
+SWEEP_TITLE = ("Transfer from digits 0-4 to digits 5-9 with 5 labels per class "
+               "(CIFAR ResNet-20, 32x32)")
+SWEEP_COLUMNS = ("init.weights", "freeze.rules")  # what tells the rows apart
+# The target task's budget and data, shared by every run after pretraining.
 TARGET = {"data.name": "target", "data.train_examples_per_class": 5, "batch_size": 24,
           "data.eval_on_unused_train": True,
           "num_epochs": 40.0, "log_every_steps": 20, "eval_every_steps": 40,
-          "checkpoint_every_steps": 80, "seeds": list(range(8))}
+          "checkpoint_every_steps": 80}
 
 
 def get_config():
+  """The source task: pretraining on digits 0-4 (the target runs override it)."""
   config = defaults.base_config()
-  config.study_description = ("Transfer from digits 0-4 to digits 5-9 with 5 labels "
-                              "per class (CIFAR ResNet-20, 32x32)")
   config.model.name = "cifar_resnet20"
   config.data.source = "digits"
   config.data.name = "source"
@@ -60,13 +67,18 @@ def get_config():
   config.optimizer.learning_rate = 0.05
   config.optimizer.weight_decay = 5e-4
   config.optimizer.warmup_steps = 20
-  config.runs = [
+  return config
+
+
+def sweep():
+  """Pretraining, then the three ways on the target over their seeds (in this order)."""
+  return [
       {"name": "pretrain"},
       # Scratch varies most between seeds (and CPUs): twice the seeds.
-      {"name": "scratch", **TARGET, "seeds": list(range(16))},
-      {"name": "frozen_features", **TARGET, "init.weights": "@pretrain",
-       "freeze.rules": "linear_probe", "optimizer.learning_rate": 0.1},
-      {"name": "fine_tune", **TARGET, "init.weights": "@pretrain",
-       "optimizer.learning_rate": 0.05},
+      *seeded("scratch", TARGET, range(16)),
+      *seeded("frozen_features", {**TARGET, "init.weights": "@pretrain",
+                                  "freeze.rules": "linear_probe",
+                                  "optimizer.learning_rate": 0.1}, range(8)),
+      *seeded("fine_tune", {**TARGET, "init.weights": "@pretrain",
+                            "optimizer.learning_rate": 0.05}, range(8)),
   ]
-  return config

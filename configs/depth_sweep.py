@@ -1,10 +1,10 @@
 """How deep to freeze: few-shot digits 5-9 from a network pretrained on digits 0-4.
 
-Run from the repository root: first the demo study (2 minutes), whose
+Run from the repository root: first the demo (4 minutes), whose
 `pretrain` run this sweep starts from, then the sweep:
 
     .venv/bin/python -m tlflax.main --config configs/demo.py --workdir workdirs/demo
-    .venv/bin/python -m tlflax.sweep --config configs/depth_sweep.py --workdir workdirs/depth_sweep
+    .venv/bin/python -m tlflax.main --config configs/depth_sweep.py --workdir workdirs/depth_sweep
 
 The sweep fine-tunes the CIFAR ResNet-20 from `workdirs/demo/pretrain` with
 the stem and the first K of its 3 stages frozen, K = 0..3, over seeds 0-2,

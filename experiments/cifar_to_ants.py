@@ -58,7 +58,7 @@ import sys
 
 import numpy as np
 
-from tlflax import defaults, stages, train
+from tlflax import defaults, stages, training
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
 WEIGHTS = os.path.join(SHARED, "cifar10-resnets", "resnet56-4bfd9763.th")
@@ -139,7 +139,7 @@ def main(argv=None) -> None:
     for pretrained in (True, False):
       for seed in seeds:
         name = f"{method.replace(' ', '_')}-{'pretrained' if pretrained else 'random'}-seed{seed}"
-        result = train.train_and_evaluate(make_config(method, pretrained, seed, args, cache_dir),
+        result = training.train_and_evaluate(make_config(method, pretrained, seed, args, cache_dir),
                                           os.path.join(workdir, name))
         accuracy = 100 * result["eval/accuracy"]
         rows.append({"method": method, "init": "pretrained" if pretrained else "random",

@@ -55,7 +55,7 @@ import sys
 
 import numpy as np
 
-from tlflax import defaults, train
+from tlflax import defaults, training
 
 UNITS = ("stem", "stage1", "stage2", "stage3")
 CURVES = ("AnB", "AnB+", "BnB", "BnB+")
@@ -133,18 +133,18 @@ def main(argv=None) -> None:
   seeds = [int(s) for s in args.seeds.split(",")]
 
   base_a = os.path.join(workdir, "baseA")
-  result_a = train.train_and_evaluate(base_config("source", 0, cache_dir, args), base_a)
+  result_a = training.train_and_evaluate(base_config("source", 0, cache_dir, args), base_a)
   print(f"baseA (digits 0-4): {100 * result_a['eval/accuracy']:.1f}%", flush=True)
   rows, baseline = [], []
   for seed in seeds:
     base_b = os.path.join(workdir, f"seed{seed}", "baseB")
-    result_b = train.train_and_evaluate(base_config("target", seed, cache_dir, args), base_b)
+    result_b = training.train_and_evaluate(base_config("target", seed, cache_dir, args), base_b)
     baseline.append(100 * result_b["eval/accuracy"])
     rows.append({"curve": "baseB", "k": 0, "seed": seed, "accuracy": baseline[-1]})
     for k in range(1, len(UNITS) + 1):
       for curve in CURVES:
         config = transfer_config(curve, k, seed, {"A": base_a, "B": base_b}, cache_dir, args)
-        result = train.train_and_evaluate(
+        result = training.train_and_evaluate(
             config, os.path.join(workdir, f"seed{seed}", f"{curve}{k}"))
         rows.append({"curve": curve, "k": k, "seed": seed,
                      "accuracy": 100 * result["eval/accuracy"]})

@@ -37,7 +37,7 @@ def shared_data(*parts: str) -> pathlib.Path:
 
 def metric_lines(workdir) -> dict:
   """A run's metrics.jsonl as {(step, split): line}."""
-  from tlflax import metrics  # pylint: disable=import-outside-toplevel
+  from tlflax.training import metrics
   return {(m["step"], m["split"]): m for m in metrics.read_metrics(str(workdir))}
 
 

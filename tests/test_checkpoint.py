@@ -15,7 +15,8 @@ import optax
 import pytest
 
 from conftest import with_device_count
-from tlflax import checkpoint, defaults, freeze, models, optim, steps
+from tlflax import defaults, freeze, models, optim, steps
+from tlflax.training import checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 IMAGES = jnp.zeros((1, 32, 32, 3))
@@ -187,7 +188,7 @@ def test_a_run_killed_while_saving_restarts_from_the_last_complete_checkpoint(tm
   child = run_child(f"""
       import os, signal
       import jax.numpy as jnp, numpy as np
-      from tlflax import checkpoint
+      from tlflax.training import checkpoint, preemption
       ckpt = checkpoint.Checkpointer({str(tmp_path)!r}, keep=3)
       ckpt.save(1, {{"w": jnp.ones((4,)), "big": jnp.zeros((16,))}}, extra={{"epoch": 1}})
       ckpt.wait()
@@ -220,11 +221,11 @@ def test_a_run_killed_while_saving_restarts_from_the_last_complete_checkpoint(tm
 def test_sigterm_lets_the_loop_save_and_exit_cleanly(tmp_path):
   child = run_child(f"""
       import time, jax.numpy as jnp
-      from tlflax import checkpoint
-      assert checkpoint.install_preemption_handler()
+      from tlflax.training import checkpoint, preemption
+      assert preemption.install_preemption_handler()
       ckpt = checkpoint.Checkpointer({str(tmp_path)!r})
       step = 0
-      while not checkpoint.preemption_requested(step):
+      while not preemption.preemption_requested(step):
         step += 1
         if step == 3:
           print("training", flush=True)

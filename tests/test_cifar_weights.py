@@ -11,6 +11,7 @@ from PIL import Image
 
 from conftest import relative_error, shared_data
 from tlflax import models, weights
+from tlflax.weights import download
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
@@ -107,20 +108,20 @@ def test_real_cifar_weights(depth):
 def test_registry_verifies_the_real_files(tmp_path, monkeypatch):
   """The registry's sha256 digests are those of the real files: a file placed
   in the cache by hand is accepted and loads by id, a corrupted one is not."""
-  from tlflax.weights import pretrained  # pylint: disable=import-outside-toplevel
+  from tlflax.weights import registry  # pylint: disable=import-outside-toplevel
 
   source = shared_data("cifar10-resnets", FILES[20])
   monkeypatch.setenv("TLFLAX_CACHE_DIR", str(tmp_path))
-  entry = pretrained.get("cifar_resnet20.akamaster_c10")
+  entry = registry.get("cifar_resnet20.akamaster_c10")
   (tmp_path / entry.file_name).write_bytes(source.read_bytes())
   variables = weights.load("cifar_resnet20", "cifar_resnet20.akamaster_c10")
   direct = weights.load("cifar_resnet20", source, source="torchvision")
   assert jax.tree.all(jax.tree.map(np.array_equal, variables, direct))
-  assert pretrained.class_names(entry.class_names)[3] == "cat"
+  assert registry.class_names(entry.class_names)[3] == "cat"
 
   corrupted = bytearray(source.read_bytes())
   corrupted[-1] ^= 1
   (tmp_path / entry.file_name).write_bytes(bytes(corrupted))
-  monkeypatch.setattr(pretrained, "DOWNLOAD_TIMEOUT_S", 0.5)
+  monkeypatch.setattr(download, "DOWNLOAD_TIMEOUT_S", 0.5)
   with pytest.raises(weights.WeightsError):
     weights.load("cifar_resnet20", "cifar_resnet20.akamaster_c10")

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlflax import classify, weights
+from tlflax import weights
+from tlflax.inference import classify
 from tlflax.data import images
-from tlflax.weights import native, pretrained
-from tlflax.weights.common import WeightsError
+from tlflax.weights import native, registry
+from tlflax.weights.merge import WeightsError
+from tlflax.cli import classify as classify_cli
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
@@ -100,7 +102,7 @@ def test_sixteen_bit_greyscale_and_exif_rotation(tmp_path):
 
 @pytest.mark.parametrize("weight_id", ["resnet50.tv_in1k", "resnet50.tv2_in1k", "resnet50.a1_in1k"])
 def test_preprocessing_matches_torchvision_transforms(image_files, weight_id):
-  recipe = pretrained.get(weight_id).preprocessing
+  recipe = registry.get(weight_id).preprocessing
   reference = transforms.Compose([
       transforms.Resize(recipe.resize_size, transforms.InterpolationMode(recipe.interpolation)),
       transforms.CenterCrop(recipe.crop_size), transforms.ToTensor(),
@@ -115,7 +117,7 @@ def test_preprocessing_matches_torchvision_transforms(image_files, weight_id):
 def test_torchvision_registry_preprocessing_is_torchvisions(image_files):
   published = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.transforms()
   expected = published(Image.open(image_files["rgb"])).numpy().transpose(1, 2, 0)
-  actual = images.preprocess(image_files["rgb"], pretrained.get("resnet50.tv2_in1k").preprocessing)
+  actual = images.preprocess(image_files["rgb"], registry.get("resnet50.tv2_in1k").preprocessing)
   np.testing.assert_allclose(actual[0], expected, atol=1e-5)
 
 
@@ -166,7 +168,7 @@ def test_class_names_and_their_count(image_files, tmp_path):
   model = torch_resnet18(favourite=FAVOURITE_CLASS)
   variables = weights.load("resnet18", save_state_dict(model, tmp_path / "r18.pth"),
                            source="torchvision")
-  names = pretrained.class_names("imagenet1k")
+  names = registry.class_names("imagenet1k")
   results = classify.classify("resnet18", variables, list(image_files.values()), SMALL,
                               names, top_k=3)
   assert len(results) == 4
@@ -186,7 +188,7 @@ def test_cli_on_a_tlflax_checkpoint(image_files, tmp_path, capsys):
               {"model_name": "resnet18", "source": "torchvision", "input_file": "r18.pth",
                "preprocessing": SMALL.to_dict(), "class_names": "imagenet1k"})
   result = subprocess.run(
-      [sys.executable, "-m", "tlflax.classify", "--weights", checkpoint, "--top_k", "2",
+      [sys.executable, "-m", "tlflax.cli.classify", "--weights", checkpoint, "--top_k", "2",
        image_files["grey"], image_files["rgba"]],
       capture_output=True, text=True, cwd=REPO_ROOT, check=False)
   assert result.returncode == 0, result.stderr
@@ -198,17 +200,17 @@ def test_cli_on_a_tlflax_checkpoint(image_files, tmp_path, capsys):
   # In-process from here on: the same main(), without another slow start-up.
   names_file = tmp_path / "names.txt"
   names_file.write_text("\n".join(f"thing {i}" for i in range(1000)) + "\n\n")
-  assert classify.main(["--model", "resnet18", "--weights", path, "--source", "torchvision",
+  assert classify_cli.main(["--model", "resnet18", "--weights", path, "--source", "torchvision",
                         "--class_names", str(names_file), "--image_size", "32", "--top_k", "1",
                         image_files["rgb"]]) == 0
   assert capsys.readouterr().out.splitlines()[-1].endswith(f"thing {FAVOURITE_CLASS}")
 
   not_an_image = tmp_path / "notes.png"
   not_an_image.write_text("hello")
-  assert classify.main(["--weights", checkpoint, str(not_an_image)]) == 1
+  assert classify_cli.main(["--weights", checkpoint, str(not_an_image)]) == 1
   error = capsys.readouterr().err
-  assert error.startswith("tlflax.classify: error:") and "notes.png" in error
-  assert classify.main(["--weights", path, image_files["rgb"]]) == 1
+  assert error.startswith("tlflax.cli.classify: error:") and "notes.png" in error
+  assert classify_cli.main(["--weights", path, image_files["rgb"]]) == 1
   assert "--model" in capsys.readouterr().err
 
 
@@ -216,6 +218,6 @@ def test_load_classifier_takes_recipe_from_a_file_name(tmp_path):
   model = torch_resnet18()
   path = save_state_dict(model, tmp_path / "resnet18-f37072fd.pth")
   classifier = classify.load_classifier(path, "resnet18", "torchvision")
-  assert classifier.preprocessing == pretrained.get("resnet18.tv_in1k").preprocessing
+  assert classifier.preprocessing == registry.get("resnet18.tv_in1k").preprocessing
   assert classifier.class_names[0] == "tench"
   assert "resnet18.tv_in1k" in classifier.description

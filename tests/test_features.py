@@ -11,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tlflax import checkpoint, data, features, freeze, models, optim, steps
+from tlflax import build, data, freeze, models, optim, steps
+from tlflax.training import checkpoint
+from tlflax.inference import features
 from tlflax.data import digits
-from tlflax.weights.common import WeightsError, model_shapes
+from tlflax.weights.merge import WeightsError, model_shapes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Not a divisor of the 721 train or 180 test images: the last batch is padded.
@@ -121,16 +123,16 @@ def test_extract_equals_extract_features_and_drops_padding(digits_dir):
 
 def test_a_body_stage_runs_a_truncated_model():
   model = models.get_model("cifar_resnet20", num_classes=5)
-  assert features.feature_names(model) == ["stem", "stage1", "stage2", "stage3",
+  assert models.feature_names(model) == ["stem", "stage1", "stage2", "stage3",
                                            "pre_logits", "logits"]
-  truncated = features.model_for_stage(model, "stage2")
+  truncated = models.model_for_stage(model, "stage2")
   names = {key.split("/")[1] for key in model_shapes(truncated)}
   assert names == {"stem", "stage1", "stage2"}  # no stage3, no head
   assert "head" not in {key.split("/")[1] for key in
-                        model_shapes(features.model_for_stage(model, "pre_logits"))}
+                        model_shapes(models.model_for_stage(model, "pre_logits"))}
   vgg = models.get_model("vgg11", num_classes=None)
-  assert features.feature_names(vgg)[-3:] == ["stage5", "fc", "pre_logits"]
-  assert features.feature_names(model.clone(last_stage="stage1")) == [
+  assert models.feature_names(vgg)[-3:] == ["stage5", "fc", "pre_logits"]
+  assert models.feature_names(model.clone(last_stage="stage1")) == [
       "stem", "stage1", "pre_logits", "logits"]
 
 
@@ -142,14 +144,14 @@ def test_weights_of_a_training_run_are_the_ones_used(digits_dir, tmp_path):
   dataset = eval_dataset(config)
 
   expected, _ = reference_features(model, variables, dataset, ["pre_logits", "logits"])
-  backbone = features.load_backbone(config, "stage3")
-  assert backbone.description["start"] == "pretrained"
+  backbone = build.build_extractor(config, "stage3")
+  assert backbone.start == "pretrained"
   got, _ = features.extract(backbone.model, backbone.variables, dataset, "stage3",
                             progress=False)
   # stage3 averaged over space is what the head sees.
   np.testing.assert_allclose(got, expected["pre_logits"], rtol=1e-5, atol=1e-5)
 
-  backbone = features.load_backbone(config, "logits")  # the run's own 5-class head
+  backbone = build.build_extractor(config, "logits")  # the run's own 5-class head
   got, _ = features.extract(backbone.model, backbone.variables, dataset, "logits",
                             progress=False)
   np.testing.assert_allclose(got, expected["logits"], rtol=1e-5, atol=1e-5)
@@ -158,13 +160,13 @@ def test_weights_of_a_training_run_are_the_ones_used(digits_dir, tmp_path):
 def test_unknown_stage_and_missing_weights_say_what_to_do(digits_dir, tmp_path):
   with pytest.raises(ValueError, match=r"Unknown stage 'stage7' for 'cifar_resnet20'; choose "
                                        r"one of stem, stage1, stage2, stage3, pre_logits"):
-    features.load_backbone(digits_config(digits_dir), "stage7")
+    build.build_extractor(digits_config(digits_dir), "stage7")
   config = digits_config(digits_dir, weights=str(tmp_path / "missing.pth"), source="torchvision")
   with pytest.raises(WeightsError, match="does not exist.*--config.init.weights"):
-    features.load_backbone(config, "stage2")
+    build.build_extractor(config, "stage2")
   config = digits_config(digits_dir, weights=str(tmp_path / "no_run"), source="workdir")
   with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
-    features.load_backbone(config, "stage2")
+    build.build_extractor(config, "stage2")
   with pytest.raises(FileNotFoundError, match="No train features .* --splits train"):
     features.load(tmp_path, "train")
 
@@ -194,7 +196,7 @@ def test_output_of_another_extraction_is_refused_unless_overwrite(digits_dir, ru
 def fixture_cli_output(digits_dir, run_dir, tmp_path_factory):
   output = str(tmp_path_factory.mktemp("features") / "digits")
   result = subprocess.run(
-      [sys.executable, "-m", "tlflax.features", "--config", "configs/digits.py",
+      [sys.executable, "-m", "tlflax.cli.features", "--config", "configs/digits.py",
        "--output", output, "--stage", "stage2", f"--config.data.data_dir={digits_dir}",
        f"--config.init.weights={run_dir}", "--config.init.source=workdir",
        "--config.eval_batch_size=100"],
@@ -224,12 +226,12 @@ def test_command_line_writes_files_that_load_reads(cli_output):
 
 def test_command_line_bad_stage_is_a_clear_error(digits_dir, tmp_path):
   result = subprocess.run(
-      [sys.executable, "-m", "tlflax.features", "--config", "configs/digits.py",
+      [sys.executable, "-m", "tlflax.cli.features", "--config", "configs/digits.py",
        "--output", str(tmp_path / "out"), "--stage", "stage9",
        f"--config.data.data_dir={digits_dir}"],
       capture_output=True, text=True, cwd=REPO, check=False)
   assert result.returncode == 1
-  assert ("tlflax.features: error: Unknown stage 'stage9' for 'cifar_resnet20'; choose one of "
+  assert ("tlflax.cli.features: error: Unknown stage 'stage9' for 'cifar_resnet20'; choose one of "
           "stem, stage1, stage2, stage3, pre_logits, logits with --stage.") in result.stderr
   assert not os.path.exists(tmp_path / "out")
 

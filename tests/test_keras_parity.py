@@ -26,7 +26,8 @@ from keras.src import backend as keras_backend
 
 from conftest import INFERENCE_TOLERANCE, float32_conditioning, float32_train_bound, relative_error
 from tlflax import models, weights
-from tlflax.weights import WeightsError, common
+from tlflax import tree
+from tlflax.weights import WeightsError, merge
 
 # Keras 3.15 converts its variables with np.array(x) thousands of times.
 pytestmark = pytest.mark.filterwarnings(
@@ -111,9 +112,9 @@ def load_all_layouts(name, paths, **options):
   """Loads every layout, checks they agree exactly, returns the variables."""
   loaded = {layout: weights.load(name, path, source="keras", **options)
             for layout, path in paths.items()}
-  first = common.flatten(loaded["keras3"])
+  first = tree.flatten(loaded["keras3"])
   for layout, variables in loaded.items():
-    flat = common.flatten(variables)
+    flat = tree.flatten(variables)
     assert flat.keys() == first.keys(), layout
     for key, value in flat.items():
       np.testing.assert_array_equal(value, first[key], err_msg=f"{layout}: {key}")
@@ -141,7 +142,7 @@ def keras_train_mode(model, images, monkeypatch):
 
 
 def max_leaf_error(actual_tree, expected_tree):
-  actual, expected = common.flatten(actual_tree), common.flatten(expected_tree)
+  actual, expected = tree.flatten(actual_tree), tree.flatten(expected_tree)
   assert actual.keys() == expected.keys()
   return max(relative_error(actual[k], expected[k]) for k in actual)
 
@@ -185,8 +186,8 @@ def test_keras_resnet_without_top(tmp_path):
   variables = weights.load(name, tmp_path / "notop.weights.h5", source="keras")
   model = models.get_model(name, num_classes=None)
   assert "head" not in variables["params"]
-  shapes = {k: v.shape for k, v in common.flatten(variables).items()}
-  assert shapes == common.model_shapes(model)
+  shapes = {k: v.shape for k, v in tree.flatten(variables).items()}
+  assert shapes == merge.model_shapes(model)
 
   images = np.random.RandomState(2).randn(2, 32, 32, 3).astype(np.float32)
   expected = np.asarray(reference(images, training=False))

@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from tlflax import linear_probe
+from tlflax.inference import linear_probe
+from tlflax.cli import linear_probe as linear_probe_cli
 
 LEARNING_RATES = (0.01, 0.1, 0.3)
 WEIGHT_DECAYS = (0.0, 1e-2, 1e-1)
@@ -167,7 +168,7 @@ def test_command_line_reads_features_and_writes_the_grid(tmp_path, capsys):
   (tmp_path / "info.json").write_text(json.dumps(
       {"extraction": {"model": "cifar_resnet20", "stage": "stage3"}, "num_classes": 3}))
 
-  assert linear_probe.main(["--features", str(tmp_path), "--learning_rates", "0.01,0.1",
+  assert linear_probe_cli.main(["--features", str(tmp_path), "--learning_rates", "0.01,0.1",
                             "--weight_decays=0,1e-3", "--steps", "50"]) == 0
   out = capsys.readouterr().out
   assert "cifar_resnet20 stage3 features (90 train, 30 eval examples, 3 classes)" in out
@@ -179,5 +180,5 @@ def test_command_line_reads_features_and_writes_the_grid(tmp_path, capsys):
   assert saved["best"]["learning_rate"] == expected.best_learning_rate
   assert f"Best: learning rate {expected.best_learning_rate:g}" in out
 
-  assert linear_probe.main(["--features", str(tmp_path / "nowhere")]) == 1
-  assert "tlflax.linear_probe: error:" in capsys.readouterr().err
+  assert linear_probe_cli.main(["--features", str(tmp_path / "nowhere")]) == 1
+  assert "tlflax.cli.linear_probe: error:" in capsys.readouterr().err

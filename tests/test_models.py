@@ -1,5 +1,9 @@
 """Backbone structure: named stages, truncation, features, BatchNorm modes, dtypes."""
 
+from typing import Any, Optional
+
+from flax import traverse_util
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +11,7 @@ import pytest
 import torch
 
 from tlflax import models
-from tlflax.models import layers
+from tlflax.models import base, layers, registry
 
 IMAGES = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
 
@@ -34,13 +38,196 @@ def test_parameter_counts_match_originals(name):
   assert count(shapes["params"]) == PARAMETER_COUNTS[name]
 
 
+def trace(model, images=IMAGES):
+  """Shapes of every collection (features included), and the top-level call order.
+
+  `params` keys come back sorted, so the order in which the stages run is
+  read from the calls themselves: the top-level submodules, in call order.
+  """
+  calls = []
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == "__call__" and len(context.module.scope.path) == 1:
+      if not calls or calls[-1] != context.module.name:
+        calls.append(context.module.name)
+    return next_fun(*args, **kwargs)
+
+  def init_everything():
+    with nn.intercept_methods(record):
+      return model.init_with_output(jax.random.key(1), images, mutable=True)
+
+  output, shapes = jax.eval_shape(init_everything)
+  return output, shapes, calls
+
+
 @pytest.mark.parametrize("name", models.model_names())
-def test_every_model_has_named_stages_and_a_head(name):
+def test_every_model_is_a_backbone(name):
+  """The declared contract, for every registered name (shapes only, no init)."""
   model = models.get_model(name)
-  shapes = jax.eval_shape(lambda: init(model))
-  top_level = set(shapes["params"])
-  assert top_level == {n for n in model.stage_names if n in top_level} | {"head"}
-  assert set(model.stage_names[1:]) <= top_level  # all but a parameter-free stem
+  assert isinstance(model, models.Backbone)
+  assert model.last_stage is None and model.input_stage is None
+  assert model.frozen_batchnorm == () and model.dtype == jnp.float32
+  assert isinstance(model.num_classes, int)
+  stages = list(model.stage_names)
+  if "vgg" in name:  # no stem; the hidden dense layers are a stage
+    assert stages == ["stage1", "stage2", "stage3", "stage4", "stage5", "fc"]
+  else:
+    assert stages == ["stem", *base.numbered_stages(3 if "cifar" in name else 4)]
+  output, shapes, calls = trace(model)
+  # The stages are the top-level submodules, run in this order, then the head.
+  assert calls == stages + ["head"]
+  assert set(shapes["params"]) == set(stages) | {"head"}
+  assert output.shape == (2, model.num_classes)
+  # Every stage is readable by its name, and so is what the head sees.
+  assert set(shapes["intermediates"]["features"]) == set(stages) | {models.PRE_LOGITS}
+  assert models.feature_names(model) == stages + [models.PRE_LOGITS, "logits"]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "cifar_resnet20", "vgg11_bn", "keras_resnet50",
+                                  "keras_resnet50v2"])
+def test_last_stage_and_input_stage_split_the_stages(name):
+  """Truncating after a stage runs exactly the stages up to it; resuming after
+  it runs exactly the rest, with the same variable names."""
+  model = models.get_model(name)
+  _, full, _ = trace(model)
+  features = full["intermediates"]["features"]
+  stages = list(model.stage_names)
+  for i, stage in enumerate(stages[:-1]):
+    _, prefix, prefix_calls = trace(model.clone(last_stage=stage))
+    assert prefix_calls == stages[:i + 1] + ["head"]
+    assert set(prefix["params"]) == set(stages[:i + 1]) | {"head"}
+    cached = jnp.zeros(features[stage].shape, features[stage].dtype)
+    _, rest, rest_calls = trace(model.clone(input_stage=stage), cached)
+    assert rest_calls == stages[i + 1:] + ["head"]
+    # The rest's variables are the full model's (same names and shapes).
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), rest["params"]) == {
+        k: jax.tree.map(lambda x: (x.shape, x.dtype), full["params"][k])
+        for k in stages[i + 1:] + ["head"]}
+  with pytest.raises(ValueError, match="input_stage='stage1' must come before "
+                                       "last_stage='stage1'"):
+    trace(model.clone(last_stage="stage1", input_stage="stage1"))
+
+
+class TinyBackbone(nn.Module):
+  """A family defined outside the package, built from the declared helpers only."""
+  num_classes: Optional[int] = 3
+  last_stage: Optional[str] = None
+  input_stage: Optional[str] = None
+  frozen_batchnorm: tuple[str, ...] = ()
+  dtype: Any = jnp.float32
+
+  @property
+  def stage_names(self):
+    return ("stem",) + base.numbered_stages(2)
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    base.check_stages(self)
+    for i, name in enumerate(self.stage_names):
+      if not base.runs_stage(self, name):
+        continue
+      x = nn.relu(nn.Conv(4 * (i + 1), (3, 3), dtype=self.dtype, name=name)(x))
+      layers.sow_feature(self, name, x)
+      if name == self.last_stage:
+        break
+    return base.classifier_head(self, layers.global_avg_pool(x))
+
+
+def test_a_new_family_needs_only_the_contract(monkeypatch):
+  monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))  # undone after the test
+  models.register("tiny", TinyBackbone)
+  assert "tiny" in models.model_names()
+  model = models.get_model("tiny", num_classes=2)
+  assert isinstance(model, models.Backbone)
+  images = IMAGES[:, :8, :8]
+  features = models.extract_features(model, init(model, images), images)
+  assert {k: v.shape for k, v in features.items()} == {
+      "stem": (2, 8, 8, 4), "stage1": (2, 8, 8, 8), "stage2": (2, 8, 8, 12),
+      "pre_logits": (2, 12), "logits": (2, 2)}
+  assert models.feature_names(model.clone(last_stage="stage1", num_classes=None)) == [
+      "stem", "stage1", "pre_logits"]
+
+
+def test_what_is_not_a_backbone():
+  assert not isinstance(nn.Dense(3), models.Backbone)
+
+  class NoTruncation(nn.Module):  # has everything but `input_stage`
+    num_classes: Optional[int] = 3
+    last_stage: Optional[str] = None
+    frozen_batchnorm: tuple[str, ...] = ()
+    dtype: Any = jnp.float32
+    stage_names = ("stem",)
+
+  assert not isinstance(NoTruncation(), models.Backbone)
+
+
+def test_public_names():
+  assert sorted(models.__all__) == sorted([
+      "Backbone", "PRE_LOGITS", "check_stage", "extract_features", "feature_names",
+      "get_model", "model_for_stage", "model_names", "register"])
+  assert all(hasattr(models, name) for name in models.__all__)
+  assert models.PRE_LOGITS == layers.PRE_LOGITS == "pre_logits"
+
+
+def test_feature_names_follow_truncation_and_head():
+  cifar = models.get_model("cifar_resnet20")
+  assert models.feature_names(cifar) == ["stem", "stage1", "stage2", "stage3", "pre_logits",
+                                         "logits"]
+  assert models.feature_names(cifar.clone(last_stage="stage1")) == [
+      "stem", "stage1", "pre_logits", "logits"]
+  assert models.feature_names(cifar.clone(num_classes=None)) == [
+      "stem", "stage1", "stage2", "stage3", "pre_logits"]
+  assert models.feature_names(models.get_model("vgg11")) == [
+      "stage1", "stage2", "stage3", "stage4", "stage5", "fc", "pre_logits", "logits"]
+  # "" is no stage: a config's empty last_stage must not be passed on.
+  with pytest.raises(ValueError, match=r"last_stage='' is not a stage of this model; "
+                                       r"choose one of \['stem', 'stage1'"):
+    models.feature_names(cifar.clone(last_stage=""))
+
+
+def test_check_stage_lists_the_choices():
+  cifar = models.get_model("cifar_resnet20")
+  for stage in models.feature_names(cifar):
+    models.check_stage(cifar, stage)
+  with pytest.raises(ValueError) as error:
+    models.check_stage(cifar, "stage7", "'cifar_resnet20'")
+  assert str(error.value) == ("Unknown stage 'stage7' for 'cifar_resnet20'; choose one of "
+                              "stem, stage1, stage2, stage3, pre_logits, logits with --stage.")
+  with pytest.raises(ValueError, match=r"Unknown stage 'logits' for this model \('logits' "
+                                       r"needs weights with a classifier head\); choose one "
+                                       r"of stem, stage1, stage2, stage3, pre_logits with"):
+    models.check_stage(cifar.clone(num_classes=None), "logits")
+  with pytest.raises(ValueError, match="choose one of stem, stage1, pre_logits, logits"):
+    models.check_stage(cifar.clone(last_stage="stage1"), "stage2")
+
+
+def test_model_for_stage_computes_the_same_features_from_a_subset_of_variables():
+  model = models.get_model("cifar_resnet20")
+  variables = init(model)
+  full = traverse_util.flatten_dict(variables, sep="/")
+  expected = models.extract_features(model, variables, IMAGES)
+  for stage in models.feature_names(model):
+    truncated = models.model_for_stage(model, stage)
+    assert isinstance(truncated, models.Backbone)
+    wanted = traverse_util.flatten_dict(jax.eval_shape(lambda m=truncated: init(m)), sep="/")
+    assert wanted.keys() <= full.keys()
+    subset = traverse_util.unflatten_dict({k: full[k] for k in wanted}, sep="/")
+    # Same operations on the same numbers, run eagerly op by op: bit-identical.
+    got = models.extract_features(truncated, subset, IMAGES, [stage])[stage]
+    np.testing.assert_array_equal(got, expected[stage])
+    if stage == "logits":
+      assert truncated is model and wanted.keys() == full.keys()
+    else:
+      assert truncated.num_classes is None and not any(k.startswith("params/head/")
+                                                       for k in wanted)
+    if stage in model.stage_names:
+      assert truncated.last_stage == stage
+      later = model.stage_names[model.stage_names.index(stage) + 1:]
+      assert not any(k.split("/")[1] in later for k in wanted)
+  assert models.model_for_stage(models.get_model("vgg11"), "fc").last_stage == "fc"
+  with pytest.raises(ValueError, match="Unknown stage 'stage4'.*choose one of stem, stage1, "
+                                       "stage2, stage3, pre_logits, logits"):
+    models.model_for_stage(model, "stage4")
 
 
 def test_unknown_names_are_clear_errors():

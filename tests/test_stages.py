@@ -14,8 +14,9 @@ import torch  # pylint: disable=unused-import
 import torchvision  # pylint: disable=unused-import
 
 from test_train import assert_trees_equal, load_config
-from tlflax import checkpoint, freeze, models, prefix_cache, stages, train
-from tlflax.weights.common import flatten
+from tlflax import build, freeze, models, stages, training
+from tlflax.training import checkpoint, prefix_cache
+from tlflax.tree import flatten
 
 SMALL = ["--config.batch_size=16", "--config.eval_batch_size=32", "--config.log_every_steps=1",
          "--config.model.name=cifar_resnet20", "--config.checkpoint_every_steps=100",
@@ -183,7 +184,7 @@ def test_carried_state_follows_a_parameter_into_another_group():
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("staged") / "run")
-  result = train.train_and_evaluate(staged_config(), workdir)
+  result = training.train_and_evaluate(staged_config(), workdir)
   return workdir, result
 
 
@@ -191,8 +192,7 @@ def test_staged_run_freezes_per_stage_and_keeps_each_stage(uninterrupted):
   workdir, result = uninterrupted
   assert result["step"] == 6 and set(result["stages"]) == {"linear_probe", "fine_tune"}
   config = staged_config()
-  model = models.get_model("cifar_resnet20", num_classes=5)
-  initial, _ = train.initial_variables(config, model, (32, 32, 3), False)
+  initial = build.build(config, num_classes=5, image_size=32).variables
   after_probe = checkpoint.restore_params_only(os.path.join(workdir, "stages", "linear_probe"))
   final = checkpoint.restore_params_only(workdir)
   # Stage 1 trained the head only; its BatchNorm statistics did not move.
@@ -215,10 +215,10 @@ def test_staged_run_freezes_per_stage_and_keeps_each_stage(uninterrupted):
 def test_preempted_in_stage_two_resumes_bit_identical(uninterrupted, tmp_path, monkeypatch):
   workdir = str(tmp_path / "preempted")
   monkeypatch.setattr(checkpoint, "preemption_requested", lambda step=None: step == 5)
-  stopped = train.train_and_evaluate(staged_config(), workdir)
+  stopped = training.train_and_evaluate(staged_config(), workdir)
   assert stopped == {"step": 5, "preempted": True, "start": "scratch", "stage": "fine_tune"}
   monkeypatch.undo()
-  resumed = train.train_and_evaluate(staged_config(), workdir)
+  resumed = training.train_and_evaluate(staged_config(), workdir)
   assert resumed["start"] == "resumed" and resumed["step"] == 6
   reference_dir, reference = uninterrupted
   assert_trees_equal(checkpoint.restore_params_only(workdir),
@@ -241,9 +241,9 @@ def saved_state(workdir, step):
 
 def test_changed_stages_refuse_to_resume(tmp_path):
   workdir = str(tmp_path / "changed")
-  train.train_and_evaluate(staged_config(stages.lp_ft(3, 1, 0.1, 0.02, unit="steps")), workdir)
+  training.train_and_evaluate(staged_config(stages.lp_ft(3, 1, 0.1, 0.02, unit="steps")), workdir)
   with pytest.raises(checkpoint.CheckpointError, match="stages changed"):
-    train.train_and_evaluate(staged_config(stages.lp_ft(2, 4, 0.1, 0.02, unit="steps")),
+    training.train_and_evaluate(staged_config(stages.lp_ft(2, 4, 0.1, 0.02, unit="steps")),
                              workdir)
 
 
@@ -258,8 +258,8 @@ def test_prefix_cache_matches_the_uncached_run(tmp_path):
     c.prefix_cache.enabled = enabled
     c.prefix_cache.directory = str(tmp_path / "cache")
     return c
-  cached = train.train_and_evaluate(config(True), str(tmp_path / "cached"))
-  plain = train.train_and_evaluate(config(False), str(tmp_path / "plain"))
+  cached = training.train_and_evaluate(config(True), str(tmp_path / "cached"))
+  plain = training.train_and_evaluate(config(False), str(tmp_path / "plain"))
   entries = os.listdir(tmp_path / "cache")
   infos = [json.load(open(tmp_path / "cache" / e / "info.json")) for e in entries]
   assert sorted((i["stage"], i["split"]) for i in infos) == [("stage2", "eval"),
@@ -332,10 +332,10 @@ def test_copying_the_first_stages_only(uninterrupted):
   workdir, _ = uninterrupted
   config = staged_config()
   config.init.weights, config.init.source, config.init.up_to_stage = workdir, "workdir", "stage1"
-  model = models.get_model("cifar_resnet20", num_classes=5)
-  copied, start = train.initial_variables(config, model, (32, 32, 3), False)
+  built = build.build(config, num_classes=5, image_size=32)
+  copied, start = built.variables, built.start
   config.init.weights = ""
-  fresh, _ = train.initial_variables(config, model, (32, 32, 3), False)
+  fresh = build.build(config, num_classes=5, image_size=32).variables
   source = checkpoint.restore_params_only(workdir)
   assert start == "pretrained"
   for collection in ("params", "batch_stats"):
@@ -345,4 +345,4 @@ def test_copying_the_first_stages_only(uninterrupted):
       np.testing.assert_array_equal(value, expected, err_msg=path)
   config.init.weights, config.init.up_to_stage = workdir, "stage7"
   with pytest.raises(ValueError, match="up_to_stage='stage7'.*stage3"):
-    train.initial_variables(config, model, (32, 32, 3), False)
+    build.build(config, num_classes=5, image_size=32)

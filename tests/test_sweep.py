@@ -1,6 +1,6 @@
 """Sweeps: naming, running, skipping, resuming, the cluster commands and the errors.
 
-Most tests replace `train.train_and_evaluate` with a fake whose metrics are a
+Most tests replace `training.train_and_evaluate` with a fake whose metrics are a
 known function of the config; one test trains for real, through the printed
 `--point` command.
 """
@@ -14,7 +14,9 @@ import sys
 
 import pytest
 
-from tlflax import sweep, sweep_results, train
+from tlflax import sweeps
+from tlflax.training import loop
+from tlflax.sweeps import results as sweep_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,42 +82,42 @@ def fixture_config_file(tmp_path):
 
 def load(config_file, **edits):
   """The config and points of a sweep config file, as the command line builds them."""
-  module = sweep.load_sweep_module(str(config_file))
+  module = sweeps.load_sweep_module(str(config_file))
   config = module.get_config()
   for key, value in edits.items():
     setattr(config, key, value)
   config.lock()
-  return config, sweep.make_points(module.sweep(), config)
+  return config, sweeps.make_points(module.sweep(), config)
 
 
 @pytest.fixture(name="fake")
 def fixture_fake(monkeypatch):
   fake = FakeTraining()
-  monkeypatch.setattr(train, "train_and_evaluate", fake)
+  monkeypatch.setattr(loop, "train_and_evaluate", fake)
   return fake
 
 
 def test_point_names_are_readable_and_stable():
-  assert sweep.point_name({"freeze.rules": "depth:2", "seed": 1}) == (
+  assert sweeps.point_name({"freeze.rules": "depth:2", "seed": 1}) == (
       "freeze_rules-depth_2__seed-1")
-  assert sweep.point_name({"optimizer.learning_rate": 0.05, "init.weights": ""}) == (
+  assert sweeps.point_name({"optimizer.learning_rate": 0.05, "init.weights": ""}) == (
       "optimizer_learning_rate-0.05__init_weights-empty")
-  assert sweep.point_name({"name": "scratch", "seed": 3}) == "scratch"
+  assert sweeps.point_name({"name": "scratch", "seed": 3}) == "scratch"
   stages = [{"name": "probe", "freeze": "linear_probe"}, {"name": "all", "freeze": "none"}]
-  name = sweep.point_name({"stages": stages})
+  name = sweeps.point_name({"stages": stages})
   assert name.startswith("stages-") and len(name) == len("stages-") + 10
   # The same value gives the same name (a tuple as its list); another value another name.
-  assert sweep.point_name({"stages": tuple(stages)}) == name
-  assert sweep.point_name({"stages": stages[:1]}) != name
+  assert sweeps.point_name({"stages": tuple(stages)}) == name
+  assert sweeps.point_name({"stages": stages[:1]}) != name
   long_path = "/data/checkpoints/" + "x" * 60
-  assert "/" not in sweep.point_name({"init.weights": long_path})
-  assert len(sweep.point_name({f"key{i}": "v" * 30 for i in range(10)})) <= 120
+  assert "/" not in sweeps.point_name({"init.weights": long_path})
+  assert len(sweeps.point_name({f"key{i}": "v" * 30 for i in range(10)})) <= 120
 
 
 def test_sweep_runs_every_point_and_writes_the_reports(tmp_path, config_file, fake):
   config, points = load(config_file)
   workdir = tmp_path / "sweep"
-  rows = sweep.run_sweep(config, points, str(workdir))
+  rows = sweeps.run_sweep(config, points, str(workdir))
 
   assert fake.names == NAMES
   assert all(os.path.dirname(w) == str(workdir) for w in fake.workdirs)
@@ -147,12 +149,12 @@ def test_sweep_runs_every_point_and_writes_the_reports(tmp_path, config_file, fa
 
 def test_a_second_run_trains_nothing(tmp_path, config_file, fake):
   config, points = load(config_file)
-  sweep.run_sweep(config, points, str(tmp_path))
+  sweeps.run_sweep(config, points, str(tmp_path))
   result = tmp_path / NAMES[0] / "result.json"
   written = (result.stat().st_mtime_ns, result.read_text())
   fake.workdirs.clear()
 
-  rows = sweep.run_sweep(config, points, str(tmp_path))
+  rows = sweeps.run_sweep(config, points, str(tmp_path))
   assert fake.workdirs == []
   assert (result.stat().st_mtime_ns, result.read_text()) == written
   assert len(rows) == 4
@@ -162,14 +164,14 @@ def test_an_interrupted_sweep_continues_with_the_unfinished_points(tmp_path, con
                                                                     monkeypatch):
   config, points = load(config_file)
   interrupted = FakeTraining(fail_on_call=3)
-  monkeypatch.setattr(train, "train_and_evaluate", interrupted)
+  monkeypatch.setattr(loop, "train_and_evaluate", interrupted)
   with pytest.raises(KeyboardInterrupt):
-    sweep.run_sweep(config, points, str(tmp_path))
+    sweeps.run_sweep(config, points, str(tmp_path))
   assert sweep_results.missing_points(str(tmp_path)) == NAMES[2:]
 
   resumed = FakeTraining()
-  monkeypatch.setattr(train, "train_and_evaluate", resumed)
-  sweep.run_sweep(config, points, str(tmp_path))
+  monkeypatch.setattr(loop, "train_and_evaluate", resumed)
+  sweeps.run_sweep(config, points, str(tmp_path))
   assert resumed.names == NAMES[2:]
   assert sweep_results.missing_points(str(tmp_path)) == []
 
@@ -177,8 +179,8 @@ def test_an_interrupted_sweep_continues_with_the_unfinished_points(tmp_path, con
 def test_a_preempted_point_writes_no_result(tmp_path, config_file, monkeypatch):
   config, points = load(config_file)
   preempted = FakeTraining(preempt=True)
-  monkeypatch.setattr(train, "train_and_evaluate", preempted)
-  assert sweep.run_sweep(config, points, str(tmp_path)) is None
+  monkeypatch.setattr(loop, "train_and_evaluate", preempted)
+  assert sweeps.run_sweep(config, points, str(tmp_path)) is None
   assert preempted.names == NAMES[:1]  # the sweep stops: the job is being taken away
   assert not (tmp_path / NAMES[0] / "result.json").exists()
 
@@ -186,9 +188,9 @@ def test_a_preempted_point_writes_no_result(tmp_path, config_file, monkeypatch):
 def test_collect_on_a_partial_sweep_reports_the_missing_points(tmp_path, config_file, fake,
                                                                caplog):
   config, points = load(config_file)
-  sweep.prepare(config, points, str(tmp_path))
+  sweeps.prepare(config, points, str(tmp_path))
   for point in (points[0], points[3]):
-    sweep.run_point(config, point, str(tmp_path))
+    sweeps.run_point(config, point, str(tmp_path))
 
   rows = sweep_results.collect(str(tmp_path))
   assert [r.point for r in rows] == [NAMES[0], NAMES[3]]
@@ -208,7 +210,7 @@ def test_settings_not_overridden_by_a_point_come_from_the_config(tmp_path, fake)
       "for seed in (0, 1)] + [{'name': 'scratch', 'init.weights': '', 'freeze.rules': 'depth:0'}]"
   ).replace("return config", "config.init.weights = '/pretrained'\n  return config"))
   config, points = load(config_file)
-  sweep.run_sweep(config, points, str(tmp_path / "sweep"))
+  sweeps.run_sweep(config, points, str(tmp_path / "sweep"))
   rows = sweep_results.collect(str(tmp_path / "sweep"))
   assert rows[0].settings == {"freeze.rules": "depth:0", "seed": 0,
                               "init.weights": "/pretrained"}
@@ -218,7 +220,7 @@ def test_settings_not_overridden_by_a_point_come_from_the_config(tmp_path, fake)
 
 def test_list_prints_one_command_per_point_and_each_runs_only_its_point(tmp_path, config_file):
   workdir = tmp_path / "sweep"
-  command = [sys.executable, "-m", "tlflax.sweep", f"--config={config_file}",
+  command = [sys.executable, "-m", "tlflax.main", f"--config={config_file}",
              f"--workdir={workdir}", "--config.num_train_steps=1", "--list"]
   listed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert listed.returncode == 0, listed.stderr[-3000:]
@@ -243,7 +245,7 @@ def test_list_prints_one_command_per_point_and_each_runs_only_its_point(tmp_path
   assert out_of_range.returncode != 0
   assert "--point 7 is out of range: this sweep has 4 points" in out_of_range.stderr
 
-  collected = subprocess.run([sys.executable, "-m", "tlflax.sweep", f"--workdir={workdir}",
+  collected = subprocess.run([sys.executable, "-m", "tlflax.main", f"--workdir={workdir}",
                               "--collect"], cwd=REPO, capture_output=True, text=True,
                              timeout=300)
   assert collected.returncode == 0, collected.stderr[-3000:]
@@ -255,8 +257,8 @@ def test_list_prints_one_command_per_point_and_each_runs_only_its_point(tmp_path
 def test_a_config_without_sweep_is_refused(tmp_path):
   path = tmp_path / "plain.py"
   path.write_text("from tlflax import defaults\nget_config = defaults.base_config\n")
-  with pytest.raises(sweep.SweepError, match=r"plain.py has no sweep\(\) function"):
-    sweep.load_sweep_module(str(path))
+  with pytest.raises(sweeps.SweepError, match=r"plain.py has no sweep\(\) function"):
+    sweeps.load_sweep_module(str(path))
 
 
 @pytest.mark.parametrize("points, message", [
@@ -274,34 +276,34 @@ def test_a_config_without_sweep_is_refused(tmp_path):
 ])
 def test_bad_points_are_refused_before_anything_runs(points, message, config_file):
   config, _ = load(config_file)
-  with pytest.raises(sweep.SweepError, match=message):
-    sweep.make_points(points, config)
+  with pytest.raises(sweeps.SweepError, match=message):
+    sweeps.make_points(points, config)
 
 
 def test_a_workdir_of_another_sweep_is_refused_unless_overwrite(tmp_path, config_file, fake):
   config, points = load(config_file)
-  sweep.run_point(config, points[0], str(tmp_path))
-  sweep.prepare(config, points, str(tmp_path))
-  more = sweep.make_points([{"freeze.rules": "depth:3", "seed": 0}], config)
-  with pytest.raises(sweep.SweepError, match=r"holds a different sweep \(new points: "
+  sweeps.run_point(config, points[0], str(tmp_path))
+  sweeps.prepare(config, points, str(tmp_path))
+  more = sweeps.make_points([{"freeze.rules": "depth:3", "seed": 0}], config)
+  with pytest.raises(sweeps.SweepError, match=r"holds a different sweep \(new points: "
                      r"freeze_rules-depth_3__seed-0; points no longer listed: "
                      r"freeze_rules-depth_0__seed-0, .*--overwrite"):
-    sweep.prepare(config, more, str(tmp_path))
+    sweeps.prepare(config, more, str(tmp_path))
   longer, _ = load(config_file, num_train_steps=5)
-  with pytest.raises(sweep.SweepError, match="config keys differ: num_train_steps"):
-    sweep.prepare(longer, points, str(tmp_path))
+  with pytest.raises(sweeps.SweepError, match="config keys differ: num_train_steps"):
+    sweeps.prepare(longer, points, str(tmp_path))
 
-  sweep.prepare(config, more, str(tmp_path), overwrite=True)
+  sweeps.prepare(config, more, str(tmp_path), overwrite=True)
   assert sweep_results.missing_points(str(tmp_path)) == ["freeze_rules-depth_3__seed-0"]
   assert (tmp_path / NAMES[0] / "result.json").exists()  # a finished point is never deleted
 
 
 def test_point_out_of_range_says_how_many_points_there_are(config_file):
   _, points = load(config_file)
-  assert sweep.select_point(points, 3).name == NAMES[3]
+  assert sweeps.select_point(points, 3).name == NAMES[3]
   for index in (4, -1):
-    with pytest.raises(sweep.SweepError, match=r"this sweep has 4 points, so use 0..3"):
-      sweep.select_point(points, index)
+    with pytest.raises(sweeps.SweepError, match=r"this sweep has 4 points, so use 0..3"):
+      sweeps.select_point(points, index)
 
 
 def test_a_missing_pretrained_workdir_fails_before_training(tmp_path, config_file, fake):
@@ -309,25 +311,25 @@ def test_a_missing_pretrained_workdir_fails_before_training(tmp_path, config_fil
   with config.unlocked():
     config.init.weights = str(tmp_path / "not_pretrained_yet")
     config.init.source = "workdir"
-  with pytest.raises(sweep.SweepError, match="not_pretrained_yet.*does not exist"):
-    sweep.run_sweep(config, points, str(tmp_path / "sweep"))
+  with pytest.raises(sweeps.SweepError, match="not_pretrained_yet.*does not exist"):
+    sweeps.run_sweep(config, points, str(tmp_path / "sweep"))
   assert fake.workdirs == []
 
 
 def test_a_point_can_start_from_an_earlier_point(tmp_path, config_file, fake):
   config, _ = load(config_file)
-  points = sweep.make_points([{"name": "source", "freeze.rules": "depth:0"},
+  points = sweeps.make_points([{"name": "source", "freeze.rules": "depth:0"},
                               {"name": "target", "freeze.rules": "depth:2",
                                "init.weights": "@source"}], config)
-  sweep.run_sweep(config, points, str(tmp_path))
+  sweeps.run_sweep(config, points, str(tmp_path))
   assert fake.names == ["source", "target"]
 
 
 def test_the_depth_sweep_config_lists_depths_seeds_and_a_scratch_baseline():
-  module = sweep.load_sweep_module(os.path.join(REPO, "configs", "depth_sweep.py"))
+  module = sweeps.load_sweep_module(os.path.join(REPO, "configs", "depth_sweep.py"))
   config = module.get_config()
   config.lock()
-  points = sweep.make_points(module.sweep(), config)
+  points = sweeps.make_points(module.sweep(), config)
   assert len(points) == 15
   assert points[0].name == "freeze_rules-depth_0__seed-0"
   assert [p.name for p in points[-3:]] == ["scratch__seed-0", "scratch__seed-1",
@@ -340,7 +342,7 @@ def test_list_values_such_as_stages_are_applied_named_and_reported(tmp_path, con
   config, _ = load(config_file)
   recipe = [{"name": "probe", "num_steps": 1, "freeze": "linear_probe"},
             {"name": "fine_tune", "num_steps": 1, "freeze": "none"}]
-  points = sweep.make_points([{"stages": recipe, "seed": seed} for seed in (0, 1)], config)
+  points = sweeps.make_points([{"stages": recipe, "seed": seed} for seed in (0, 1)], config)
   assert points[0].name == f"stages-{sweep_results.value_hash(recipe)}__seed-0"
   received = []
 
@@ -348,8 +350,8 @@ def test_list_values_such_as_stages_are_applied_named_and_reported(tmp_path, con
     received.append([dict(stage) for stage in run_config.stages])
     return {"eval/accuracy": 0.5, "eval/loss": 1.0, "step": 2}
 
-  monkeypatch.setattr(train, "train_and_evaluate", fake)
-  sweep.run_sweep(config, points, str(tmp_path), x_key="stages")
+  monkeypatch.setattr(loop, "train_and_evaluate", fake)
+  sweeps.run_sweep(config, points, str(tmp_path), x_key="stages")
   assert received == [recipe, recipe]
   with open(tmp_path / "results.csv", newline="") as f:
     assert [json.loads(line["stages"]) for line in csv.DictReader(f)] == [recipe, recipe]

@@ -4,8 +4,8 @@ import csv
 
 import pytest
 
-from tlflax import sweep_results
-from tlflax.sweep_results import Row
+from tlflax.sweeps import results as sweep_results
+from tlflax.sweeps.results import Row
 
 
 def depth_rows():

@@ -16,7 +16,8 @@ import torch
 import torchvision
 
 from conftest import metric_lines, shared_data, with_device_count
-from tlflax import checkpoint, metrics, train
+from tlflax import sweeps, training
+from tlflax.training import checkpoint, metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small and fast: 16 images a batch on 8 (simulated) devices, a few steps.
@@ -80,13 +81,16 @@ def test_offline_configs_run_one_step(name, tmp_path):
     shared_data("cifar10-resnets")
   small = SMALL if name != "folder.py" else [o for o in SMALL if "model.name" not in o]
   config = load_config(name, *small, "--config.num_train_steps=1")
-  result = train.train_and_evaluate(config, str(tmp_path))
-  results = result if isinstance(result, list) else [result]
-  assert all(np.isfinite(r.get("loss_mean", r.get("eval/loss"))) for r in results)
-  if name == "demo.py":
+  if name == "demo.py":  # a sweep: every point, in order, then one table
+    module = sweeps.load_sweep_module(os.path.join(REPO, "configs", name))
+    rows = sweeps.run_sweep(config, sweeps.make_points(module.sweep(), config), str(tmp_path),
+                            columns=module.SWEEP_COLUMNS, title=module.SWEEP_TITLE)
+    assert len(rows) == 33 and all(np.isfinite(row.loss) for row in rows)
     assert (tmp_path / "results.md").read_text().count("|") > 20
-    assert (tmp_path / "fine_tune" / "seed2" / "metrics.jsonl").exists()
+    assert (tmp_path / "fine_tune__seed-2" / "metrics.jsonl").exists()
   else:
+    result = training.train_and_evaluate(config, str(tmp_path))
+    assert np.isfinite(result["eval/loss"])
     lines = metrics.read_metrics(str(tmp_path))
     assert {line["split"] for line in lines} == {"train", "eval"}
     assert (tmp_path / "config.json").exists()
@@ -118,7 +122,7 @@ def test_kill_after_checkpoint_then_resume_is_bit_identical(tmp_path):
   overrides = [*SMALL, "--config.num_train_steps=40", "--config.checkpoint_every_steps=5",
                "--config.eval_every_steps=20"]
   reference = tmp_path / "uninterrupted"
-  train.train_and_evaluate(load_config("digits.py", *overrides), str(reference))
+  training.train_and_evaluate(load_config("digits.py", *overrides), str(reference))
 
   interrupted = tmp_path / "interrupted"
   process = run_main("digits.py", interrupted, *overrides)
@@ -135,7 +139,7 @@ def test_kill_after_checkpoint_then_resume_is_bit_identical(tmp_path):
   killed_at = checkpoint.Checkpointer(str(interrupted)).latest_step()
   assert killed_at is not None and killed_at < 40
 
-  result = train.train_and_evaluate(load_config("digits.py", *overrides), str(interrupted))
+  result = training.train_and_evaluate(load_config("digits.py", *overrides), str(interrupted))
   assert result["start"] == "resumed" and result["step"] == 40
   assert_trees_equal(final_params(interrupted), final_params(reference))
   def final_lines(workdir):  # the last step's train and eval metrics, timings aside
@@ -186,8 +190,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   config = load_config("digits.py", *SMALL, "--config.num_train_steps=30",
                        "--config.checkpoint_every_steps=2", "--config.optimizer.learning_rate=1e6",
                        "--config.optimizer.warmup_steps=0")
-  with pytest.raises(train.NonFiniteLossError, match=r"at step \d+") as error:
-    train.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(training.NonFiniteLossError, match=r"at step \d+") as error:
+    training.train_and_evaluate(config, str(tmp_path))
   latest = checkpoint.Checkpointer(str(tmp_path)).latest_step()
   assert f"step {latest}" in str(error.value)
   restored = final_params(tmp_path)
@@ -205,7 +209,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_clear_errors(overrides, message, tmp_path):
   config = load_config("digits.py", *SMALL, "--config.num_train_steps=1", *overrides)
   with pytest.raises(Exception, match=message):
-    train.train_and_evaluate(config, str(tmp_path))
+    training.train_and_evaluate(config, str(tmp_path))
 
 
 def test_weights_that_do_not_fit(tmp_path):
@@ -214,7 +218,7 @@ def test_weights_that_do_not_fit(tmp_path):
   config = load_config("digits.py", *SMALL, "--config.num_train_steps=1",
                        f"--config.init.weights={path}", "--config.init.source=torchvision")
   with pytest.raises(Exception, match="resnet18|no place|do not fit"):
-    train.train_and_evaluate(config, str(tmp_path / "run"))
+    training.train_and_evaluate(config, str(tmp_path / "run"))
 
 
 def test_demo_conclusion_holds_beyond_its_spread(tmp_path):
@@ -235,10 +239,11 @@ def test_demo_conclusion_holds_beyond_its_spread(tmp_path):
   process = run_main("demo.py", tmp_path, env=env)
   output, _ = process.communicate(timeout=1800)
   assert process.returncode == 0, output[-3000:]
-  assert "| fine_tune | pretrained | 40 | 8 |" in (tmp_path / "results.md").read_text()
+  # One row per way, averaged over its seeds (a sweep of seeded points).
+  assert "| fine_tune | @pretrain | none | 8 |" in (tmp_path / "results.md").read_text()
 
   def accuracies(run):  # %, one per seed, from each run's final evaluation
-    workdirs = sorted((tmp_path / run).glob("seed*")) or [tmp_path / run]
+    workdirs = sorted(tmp_path.glob(f"{run}__seed-*")) or [tmp_path / run]
     return np.asarray([100 * [m for m in metrics.read_metrics(str(w))
                               if m["split"] == "eval"][-1]["accuracy"] for w in workdirs])
 

@@ -119,11 +119,11 @@ def test_merge_refuses_backbone_mismatch(resnet18_file):
 
 
 def test_registry_id_of_another_model_fails_before_any_download(monkeypatch):
-  from tlflax.weights import pretrained  # pylint: disable=import-outside-toplevel
+  from tlflax.weights import download  # pylint: disable=import-outside-toplevel
 
   def no_download(*args, **kwargs):
     raise AssertionError("must not download")
 
-  monkeypatch.setattr(pretrained, "fetch", no_download)
+  monkeypatch.setattr(download, "fetch", no_download)
   with pytest.raises(WeightsError, match="holds weights for 'resnet18', not 'resnet50'"):
     weights.load("resnet50", "resnet18.tv_in1k")

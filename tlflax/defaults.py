@@ -62,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
   # stages.lp_ft, gradual_unfreezing, delayed_backbone). Empty: one stage made
   # of freeze.rules, optimizer and num_epochs / num_train_steps.
   config.stages = ()
-  # Train a frozen prefix's output from a cache (see tlflax.prefix_cache);
+  # Train a frozen prefix's output from a cache (see tlflax.training.prefix_cache);
   # used by stages whose stem and first stages are frozen, with data.augment="none".
   config.prefix_cache = ml_collections.ConfigDict(dict(
       enabled=False,

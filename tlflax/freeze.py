@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
-from tlflax.weights.common import flatten, unflatten
+from tlflax.tree import flatten, unflatten
 
 RuleValue = Union[str, float, int, None]
 FreezeRules = Sequence[tuple[str, RuleValue]]

@@ -36,7 +36,7 @@ import optax
 
 from tlflax import optim
 from tlflax.freeze import Freezing
-from tlflax.weights.common import flatten
+from tlflax.tree import flatten
 
 OPTIMIZER_SHORTCUTS = ("learning_rate", "schedule", "warmup_steps", "weight_decay")
 STAGE_KEYS = ("name", "steps", "epochs", "freeze", "optimizer", "reset_optimizer",

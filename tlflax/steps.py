@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from tlflax.freeze import Freezing
-from tlflax.weights.common import flatten, unflatten
+from tlflax.tree import flatten, unflatten
 
 
 @flax.struct.dataclass

@@ -1,6 +1,24 @@
-"""Backbones with named stages: torchvision/Keras ResNets and VGGs, CIFAR ResNets."""
+"""Backbones with named stages: torchvision/Keras ResNets and VGGs, CIFAR ResNets.
 
-from tlflax.models.registry import (PRE_LOGITS, extract_features, get_model,
-                                    model_names, register)
+Every model `get_model` builds is a `Backbone` (see `tlflax.models.base`):
+its `stage_names`, truncation (`last_stage`), prefix input (`input_stage`),
+head (`num_classes`), frozen BatchNorm layers and dtype are declared there,
+with the functions that read features from any backbone.
+"""
 
-__all__ = ["PRE_LOGITS", "extract_features", "get_model", "model_names", "register"]
+from tlflax.models.base import (Backbone, check_stage, extract_features, feature_names,
+                                model_for_stage)
+from tlflax.models.layers import PRE_LOGITS
+from tlflax.models.registry import get_model, model_names, register
+
+__all__ = (
+    "Backbone",
+    "PRE_LOGITS",
+    "check_stage",
+    "extract_features",
+    "feature_names",
+    "get_model",
+    "model_for_stage",
+    "model_names",
+    "register",
+)

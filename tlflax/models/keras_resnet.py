@@ -38,9 +38,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from tlflax.models import layers
-from tlflax.models.resnet import check_stages, classifier_head, runs_stage
-
-ModuleDef = Any
+from tlflax.models.base import (ModuleDef, check_stages, classifier_head, numbered_stages,
+                                runs_stage)
 
 # Keras' BatchNormalization settings in keras.applications' ResNets.
 KERAS_BN_EPSILON = 1.001e-5
@@ -153,7 +152,7 @@ class KerasStem(nn.Module):
 
 
 class KerasResNet(nn.Module):
-  """A keras.applications ResNet / ResNetV2 backbone with named stages.
+  """A keras.applications ResNet / ResNetV2 backbone with named stages (a `base.Backbone`).
 
   Attributes:
     stage_sizes: blocks per stage.
@@ -161,7 +160,7 @@ class KerasResNet(nn.Module):
     num_classes: size of the `head` layer; `None` builds no head and returns
       the pooled features. The head returns logits (Keras applies softmax).
     last_stage: truncate after this stage ("stem", "stage1", ...).
-    input_stage: the input is this stage's output; see `resnet.runs_stage`.
+    input_stage: the input is this stage's output; see `base.runs_stage`.
     dtype: computation dtype (parameters stay float32).
     frozen_batchnorm: regexes over BatchNorm module paths held in inference
       mode (see `layers.BatchNorm`).
@@ -185,7 +184,7 @@ class KerasResNet(nn.Module):
   @property
   def stage_names(self) -> tuple[str, ...]:
     """Stages from input to output, without the head."""
-    return ("stem",) + tuple(f"stage{i + 1}" for i in range(len(self.stage_sizes)))
+    return ("stem",) + numbered_stages(len(self.stage_sizes))
 
   @nn.compact
   def __call__(self, x, train: bool = False):

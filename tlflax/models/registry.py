@@ -1,14 +1,19 @@
-"""Model names -> constructors, and reading stage outputs from any model."""
+"""Model names -> constructors.
+
+Every family is listed here directly (torchvision and CIFAR ResNets, VGGs,
+the Keras ResNets and VGGs); `register` adds constructors from outside the
+package. Whatever is registered must build a `base.Backbone`.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from tlflax.models import keras_resnet, layers, resnet, vgg
+from tlflax.models import keras_resnet, resnet, vgg
+from tlflax.models.base import Backbone
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet.resnet18,
@@ -33,11 +38,31 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 def register(name: str, constructor: Callable[..., nn.Module]) -> None:
-  """Adds a model constructor under `name` (used by the Keras family too)."""
+  """Adds a model constructor under `name`, replacing any constructor of that name.
+
+  The built-in families are listed in this module directly; `register` is for
+  models defined elsewhere (a notebook, an experiment).
+
+  Args:
+    name: what `get_model` and `config.model.name` will call it.
+    constructor: called as `constructor(dtype=..., **options)`; it must build a
+      `base.Backbone` (named stages, `last_stage`, `input_stage`,
+      `num_classes`, `frozen_batchnorm`, `dtype`).
+
+  Example:
+    >>> register("resnet26", functools.partial(resnet.ResNet, stage_sizes=(2, 3, 4, 3),
+    ...                                        block=resnet.Bottleneck))
+  """
   _MODELS[name] = constructor
 
 
 def model_names() -> list[str]:
+  """The registered model names, sorted.
+
+  Example:
+    >>> "resnet50" in model_names()
+    True
+  """
   return sorted(_MODELS)
 
 
@@ -48,7 +73,7 @@ _DEFAULT = object()
 
 
 def get_model(name: str, num_classes: Any = _DEFAULT, dtype: Any = "float32",
-              **options) -> nn.Module:
+              **options) -> Backbone:
   """Builds a registered backbone.
 
   Args:
@@ -60,7 +85,7 @@ def get_model(name: str, num_classes: Any = _DEFAULT, dtype: Any = "float32",
       truncate or `frozen_batchnorm=(".*",)`.
 
   Returns:
-    A linen module; `model.apply(variables, images, train=False)` takes NHWC
+    A `Backbone` (a linen module); `model.apply(variables, images, train=False)` takes NHWC
     float32 images and returns logits (or features without a head).
 
   Example:
@@ -75,32 +100,3 @@ def get_model(name: str, num_classes: Any = _DEFAULT, dtype: Any = "float32",
   if num_classes is not _DEFAULT:
     options["num_classes"] = num_classes
   return _MODELS[name](dtype=dtype, **options)
-
-
-def extract_features(model: nn.Module, variables, images,
-                     names: Optional[Iterable[str]] = None) -> dict[str, jax.Array]:
-  """Runs `model` in inference mode and returns the requested stage outputs.
-
-  Args:
-    model: a backbone from `get_model`.
-    variables: its `{"params", "batch_stats"}`.
-    images: NHWC batch.
-    names: stage names (e.g. "stage2") and/or "pre_logits"; all by default.
-
-  Returns:
-    `{name: array}`, plus "logits" when the model has a head.
-  """
-  logits, state = model.apply(variables, images, train=False, mutable=["intermediates"])
-  captured = dict(state["intermediates"]["features"])
-  if getattr(model, "num_classes", None) is not None:
-    captured["logits"] = logits
-  if names is None:
-    return captured
-  names = list(names)
-  missing = [n for n in names if n not in captured]
-  if missing:
-    raise ValueError(f"{missing} not produced by this model; available: {sorted(captured)}.")
-  return {n: captured[n] for n in names}
-
-
-PRE_LOGITS = layers.PRE_LOGITS

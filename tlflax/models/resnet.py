@@ -19,8 +19,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from tlflax.models import layers
-
-ModuleDef = Any
+from tlflax.models.base import (ModuleDef, check_stages, classifier_head, numbered_stages,
+                                runs_stage)
 
 
 class BasicBlock(nn.Module):
@@ -103,7 +103,7 @@ class ResNetStage(nn.Module):
 
 
 class ResNet(nn.Module):
-  """ResNet backbone with named stages.
+  """ResNet backbone with named stages (a `base.Backbone`).
 
   Attributes:
     stage_sizes: blocks per stage.
@@ -116,7 +116,7 @@ class ResNet(nn.Module):
     last_stage: truncate the network after this stage (e.g. "stage3"); the
       head, if any, then sits on that stage's pooled output.
     input_stage: the input is this stage's output (e.g. cached features) and
-      the network runs from the next stage on; see `runs_stage`.
+      the network runs from the next stage on; see `base.runs_stage`.
     dtype: computation dtype (parameters stay float32).
     frozen_batchnorm: regexes over BatchNorm module paths held in inference
       mode (see `layers.BatchNorm`).
@@ -144,7 +144,7 @@ class ResNet(nn.Module):
   @property
   def stage_names(self) -> tuple[str, ...]:
     """Stages from input to output, without the head."""
-    return ("stem",) + tuple(f"stage{i + 1}" for i in range(len(self.stage_sizes)))
+    return ("stem",) + numbered_stages(len(self.stage_sizes))
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -194,45 +194,6 @@ class Stem(nn.Module):
                   name="conv")(x)
     x = nn.relu(self.norm(name="bn")(x, train))
     return nn.max_pool(x, (3, 3), (2, 2), padding=layers.symmetric_padding(1))
-
-
-def check_stages(module: nn.Module) -> None:
-  """Checks a model's `last_stage` and `input_stage` against its stage names."""
-  names = list(module.stage_names)
-  for field in ("last_stage", "input_stage"):
-    value = getattr(module, field)
-    if value is not None and value not in names:
-      raise ValueError(f"{field}={value!r} is not a stage of this model; "
-                       f"choose one of {names}.")
-  if (module.input_stage is not None and module.last_stage is not None
-      and names.index(module.input_stage) >= names.index(module.last_stage)):
-    raise ValueError(f"input_stage={module.input_stage!r} must come before "
-                     f"last_stage={module.last_stage!r}: nothing would be left to run.")
-
-
-def runs_stage(module: nn.Module, name: str) -> bool:
-  """False for the stages up to and including `input_stage`, which the input replaces.
-
-  A model with `input_stage="stage2"` takes stage 2's output (e.g. from a
-  prefix cache) and runs stage 3 onwards with the same parameter names, so
-  the full model's variables apply unchanged.
-  """
-  if module.input_stage is None:
-    return True
-  names = list(module.stage_names)
-  return names.index(name) > names.index(module.input_stage)
-
-
-def classifier_head(module: nn.Module, pooled):
-  """Sows the pre-logit features and applies the `head` layer if any."""
-  layers.sow_feature(module, layers.PRE_LOGITS, pooled)
-  # Outputs leave at least in float32 (bfloat16 compute) and keep float64 when
-  # the model computes in it (the exact parity tests).
-  out_dtype = jnp.promote_types(module.dtype, jnp.float32)
-  if module.num_classes is None:
-    return pooled.astype(out_dtype)
-  logits = nn.Dense(module.num_classes, dtype=module.dtype, name="head")(pooled)
-  return logits.astype(out_dtype)
 
 
 # torchvision

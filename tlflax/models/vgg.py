@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from tlflax.models import layers
-from tlflax.models.resnet import check_stages, classifier_head, runs_stage
+from tlflax.models.base import check_stages, classifier_head, numbered_stages, runs_stage
 
 # Channels per convolution, grouped by stage (torchvision configurations A, B, D, E).
 VGG_STAGES = {
@@ -32,7 +32,7 @@ VGG_STAGES = {
 
 
 class VGG(nn.Module):
-  """VGG backbone with named stages.
+  """VGG backbone with named stages (a `base.Backbone`).
 
   Attributes:
     stages: channels per convolution, one tuple per stage.
@@ -42,8 +42,14 @@ class VGG(nn.Module):
     dropout_rate: dropout after each hidden layer in training (0 for Keras).
     last_stage: truncate after this stage; a convolution stage is then
       globally average-pooled before the head.
-    input_stage: the input is this stage's output; see `resnet.runs_stage`.
-    dtype, frozen_batchnorm: as for `ResNet`.
+    input_stage: the input is this stage's output; see `base.runs_stage`.
+    dtype, frozen_batchnorm: as declared by `base.Backbone`.
+    bn_epsilon, bn_momentum: BatchNorm settings of the `_bn` variants.
+
+  Example:
+    >>> model = vgg(11)(num_classes=10)
+    >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    >>> logits = model.apply(variables, images, train=False)
   """
   stages: Sequence[Sequence[int]]
   batch_norm: bool = False
@@ -59,7 +65,8 @@ class VGG(nn.Module):
 
   @property
   def stage_names(self) -> tuple[str, ...]:
-    return tuple(f"stage{i + 1}" for i in range(len(self.stages))) + ("fc",)
+    """The convolution stages, then `fc` (the hidden dense layers); no stem, no head."""
+    return numbered_stages(len(self.stages)) + ("fc",)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -120,6 +127,19 @@ class HiddenLayers(nn.Module):
 
 
 def vgg(depth: int, batch_norm: bool = False, **kwargs):
+  """The constructor of VGG-`depth` (11, 13, 16 or 19), optionally with BatchNorm.
+
+  Args:
+    depth: one of `VGG_STAGES`.
+    batch_norm: torchvision's `vgg*_bn` variants.
+    **kwargs: other `VGG` fields fixed in the constructor (e.g. `dropout_rate`).
+
+  Returns:
+    A `functools.partial` of `VGG` taking the remaining fields.
+
+  Example:
+    >>> model = vgg(16, batch_norm=True)(num_classes=10)
+  """
   return functools.partial(VGG, stages=VGG_STAGES[depth], batch_norm=batch_norm, **kwargs)
 
 

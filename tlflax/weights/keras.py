@@ -31,7 +31,8 @@ import ml_dtypes
 import numpy as np
 
 from tlflax.models import get_model, keras_resnet, vgg
-from tlflax.weights.common import WeightsError, require_file
+from tlflax.weights.merge import WeightsError
+from tlflax.weights.reading import require_file
 
 # What a Keras layer's variables become, in the order Keras creates them:
 # (Keras variable name, our collection, our leaf name).

@@ -16,14 +16,14 @@ import datetime
 import importlib.metadata
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 
-from tlflax.weights.common import WeightsError, flatten
+from tlflax import files
+from tlflax.tree import flatten
+from tlflax.weights.merge import WeightsError
 
 PROVENANCE_FILE = "provenance.json"
 VARIABLES_DIR = "variables"
@@ -91,20 +91,10 @@ def save(directory: str | os.PathLike, variables: Mapping[str, Any],
   # Plain numpy arrays: restoring then needs no devices or shardings.
   arrays = jax.tree_util.tree_map(np.asarray, jax.device_get(dict(variables)))
 
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.partial-")
-  try:
+  # Staged beside `directory` and renamed into place once complete.
+  with files.atomic_directory(directory, replace=True) as staging:
     _write_variables(os.path.join(staging, VARIABLES_DIR), arrays)
-    with open(os.path.join(staging, PROVENANCE_FILE), "w", encoding="utf-8") as f:
-      json.dump(record, f, indent=2, sort_keys=True)
-      f.write("\n")
-    if os.path.exists(directory):
-      shutil.rmtree(directory)
-    os.replace(staging, directory)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
+    files.write_json(os.path.join(staging, PROVENANCE_FILE), record, indent=2, sort_keys=True)
   return directory
 
 
@@ -129,7 +119,7 @@ def read_provenance(directory: str | os.PathLike) -> dict[str, Any]:
   if not os.path.isdir(directory):
     what = "does not exist" if not os.path.exists(directory) else "is a file, not a directory"
     raise WeightsError(f"{directory!r} {what}; a tlflax checkpoint is a directory "
-                       "written by `python -m tlflax.convert`.")
+                       "written by `python -m tlflax.cli.convert`.")
   path = os.path.join(directory, PROVENANCE_FILE)
   if not os.path.isfile(path):
     raise WeightsError(f"{directory!r} is not a tlflax checkpoint (no {PROVENANCE_FILE}); "

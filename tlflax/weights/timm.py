@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from tlflax.models import get_model, resnet
-from tlflax.weights.common import WeightsError, read_torch_file
+from tlflax.weights.merge import WeightsError
+from tlflax.weights.reading import read_torch_file
 from tlflax.weights.torchvision import convert_state_dict
 
 

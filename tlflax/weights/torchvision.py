@@ -14,7 +14,8 @@ from typing import Callable, Mapping
 import numpy as np
 
 from tlflax.models import get_model, resnet, vgg
-from tlflax.weights.common import WeightsError, read_torch_file
+from tlflax.weights.merge import WeightsError
+from tlflax.weights.reading import read_torch_file
 
 # (regex over the PyTorch module name, our module path template)
 RESNET_NAMES = (

@@ -1,9 +1,10 @@
-"""`train_and_evaluate(config, workdir)`: the training loop.
+"""`train_and_evaluate(config, workdir)`: the training loop of one run.
 
 Start-up order (what makes preempted and staged jobs restartable):
   1. resume from `WORKDIR/checkpoints` if a checkpoint is there;
   2. else initialise from `config.init.weights` (new head re-initialised);
   3. else from scratch.
+Steps 2-3 are `tlflax.build.build`.
 The log says which one happened.
 
 The loop position is a function of the step alone (epoch = step //
@@ -15,20 +16,17 @@ computes exactly what the uninterrupted run would have.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import os
-import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from tlflax import (checkpoint, data, freeze, metrics, models, optim, prefix_cache, sharding,
-                    steps, weights)
+from tlflax import build, data, freeze, optim, sharding, steps
 from tlflax import stages as stages_lib
+from tlflax.training import checkpoint, metrics, preemption, prefix_cache
 
 log = logging.getLogger(__name__)
 
@@ -81,65 +79,18 @@ def build_datasets(config):
   return train_data, eval_data
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def init_variables(model, seed: int, image_shape: tuple[int, ...]):
-  """`model.init` for one image, compiled once per (model, shape) in a process.
-
-  A sweep or study builds the same model many times; equal modules hash
-  equal, so only the first run pays for compiling the initialisation.
-  """
-  return model.init(jax.random.key(seed), jnp.zeros((1, *image_shape)))
-
-
-def read_pretrained(config) -> dict[str, Any]:
-  """The variables `config.init.weights` names: another run's final state
-  (`init.source="workdir"`) or a weight file / tlflax checkpoint / pretrained id."""
-  if config.init.source == "workdir":
-    return checkpoint.restore_params_only(config.init.weights)
-  return weights.load(config.model.name, config.init.weights, source=config.init.source or None)
-
-
-def initial_variables(config, model, image_shape, workdir_has_checkpoint: bool):
-  """Fresh variables, with pretrained weights merged in when configured."""
-  variables = jax.tree.map(np.asarray, init_variables(model, config.seed, tuple(image_shape)))
-  if workdir_has_checkpoint or not config.init.weights:
-    return variables, "scratch"
-  pretrained = read_pretrained(config)
-  if not config.init.keep_head:
-    # A new task gets a new head, even when the old one has the same shape.
-    pretrained = {collection: {k: v for k, v in tree.items() if k != "head"}
-                  for collection, tree in pretrained.items()}
-  if config.init.up_to_stage:
-    # Copy the first stages only (the transfer experiments of Yosinski et al.).
-    names = list(model.stage_names)
-    if config.init.up_to_stage not in names:
-      raise ValueError(f"init.up_to_stage={config.init.up_to_stage!r} is not a stage of "
-                       f"{config.model.name}; choose one of {names}.")
-    copied = set(names[:names.index(config.init.up_to_stage) + 1])
-    pretrained = {collection: {k: v for k, v in tree.items() if k in copied}
-                  for collection, tree in pretrained.items()}
-  fresh = [k for k in variables["params"] if k == "head" or k not in pretrained["params"]]
-  reinit = [rf"(params|batch_stats)/{re.escape(k)}(/.*)?" for k in fresh] if (
-      config.init.up_to_stage) else [r"(params|batch_stats)/head(/.*)?"]
-  variables, report = weights.merge_pretrained(variables, pretrained, reinit=reinit)
-  log.info("Pretrained weights %s: %s", config.init.weights, report)
-  return variables, "pretrained"
-
-
 def setup(config, workdir: str, ckpt: checkpoint.Checkpointer) -> Setup:
   """Data, model, the stage plan and the starting variables (steps 2-3 above)."""
   sharding.check_batch_size(config.batch_size)
   sharding.check_batch_size(config.eval_batch_size, "eval_batch_size")
   train_data, eval_data = build_datasets(config)
-  model_options = {"last_stage": config.model.last_stage} if config.model.last_stage else {}
-  model = models.get_model(config.model.name, num_classes=train_data.num_classes,
-                           dtype=config.model.dtype, **model_options)
-  size = config.data.image_size
   resume = ckpt.latest_step() is not None
-  variables, start = initial_variables(config, model, (size, size, 3), resume)
+  # A resumed run restores its own state: pretrained weights are not read.
+  built = build.build(config, train_data.num_classes, read_weights=not resume)
   plan = stages_lib.plan(config, train_data.steps_per_epoch,
                          total_train_steps(config, train_data.steps_per_epoch))
-  return Setup(model, train_data, eval_data, plan, variables, "resumed" if resume else start)
+  return Setup(built.model, train_data, eval_data, plan, built.variables,
+               "resumed" if resume else built.start)
 
 
 def compile_freezing(config, stage: stages_lib.Stage, model, params) -> freeze.Freezing:
@@ -270,18 +221,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       workdir with a checkpoint is resumed.
 
   Returns:
-    `{"eval/accuracy": ..., "eval/loss": ..., "step": ..., "start": ...}`; for
-    a study config (one with `runs`, see `tlflax.study`), a list of those.
+    `{"eval/accuracy": ..., "eval/loss": ..., "step": ..., "start": ...}`.
+    Many runs (a sweep, a study, an ablation) are `tlflax.sweeps`.
   """
   workdir = os.path.abspath(workdir)  # orbax wants absolute paths
-  if config.get("runs"):
-    from tlflax import study  # pylint: disable=import-outside-toplevel
-    return study.run_study(config, workdir)
   sharding.initialize_distributed(config.distributed)
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints,
                                  best_metric=config.best_metric, config=config)
-  checkpoint.install_preemption_handler()
+  preemption.install_preemption_handler()
   run = setup(config, workdir, ckpt)
   mesh = sharding.make_mesh()
   current, state = initial_state(config, run, ckpt, mesh)
@@ -333,7 +281,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             stage_results[stage.name] = {f"eval/{k}": v for k, v in final.items()}
             if len(run.stages) > 1:
               save_finished_stage(config, workdir, stage, state, final)
-          preempted = checkpoint.preemption_requested(step)
+          preempted = preemption.preemption_requested(step)
           if step % save_every == 0 or stage_done or preempted:
             ckpt.save(step, state, extra={"epoch": epoch, "stage": stage.name,
                                           "stage_start": stage.start},

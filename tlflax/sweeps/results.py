@@ -1,13 +1,16 @@
 """A sweep's results read back: rows, results.csv, results.md and the plot.
 
-`tlflax.sweep` runs the points; this module only reads what they left in the
+`tlflax.sweeps.runner` runs the points; this module only reads what they left in the
 sweep's workdir (`sweep.json` and one `<point>/result.json` per finished
 point), so it works on any subset of finished points, and its table, CSV and
 plot functions are pure and usable from a notebook:
 
-    rows = sweep_results.collect("workdirs/depth_sweep")
-    print(sweep_results.markdown_table(rows))
-    sweep_results.plot(rows, "accuracy.png", x_key="freeze.rules")
+    rows = results.collect("workdirs/depth_sweep")
+    print(results.markdown_table(rows))
+    results.plot(rows, "accuracy.png", x_key="freeze.rules")
+
+The spread everywhere (tables, CSV summaries, plots' error bands are min to
+max) is `mean_and_std`: the sample standard deviation over seeds (n - 1).
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from tlflax import files
+from tlflax.tree import flatten_dotted
+
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.json"    # the sweep's points and base config
@@ -29,6 +35,7 @@ RESULT_FILE = "result.json"  # in a point's directory once it has finished
 DEFAULT_X = "freeze.rules"   # the setting on the plot's x-axis
 SEED_KEY = "seed"            # averaged over in the table and the plot
 NAME_KEY = "name"            # a point's optional explicit name, not a setting
+GROUP_KEY = "group"          # a point's optional table row, not a setting
 
 
 class SweepError(ValueError):
@@ -50,6 +57,7 @@ class Row:
   wall_seconds: float
   start: str = ""  # "pretrained", "scratch" or "resumed"
   finished: str = ""
+  group: str = ""  # the table row it is reported in ("" = by its settings)
 
 
 def value_hash(value: Any) -> str:
@@ -58,15 +66,10 @@ def value_hash(value: Any) -> str:
   return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  """A nested dict as `{"dotted.key": value}`."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(flatten(value, f"{prefix}{key}."))
-    else:
-      flat[prefix + key] = value
-  return flat
+def mean_and_std(values) -> tuple[float, float]:
+  """The mean and the sample standard deviation (n - 1; 0 for a single value)."""
+  values = np.asarray(values, dtype=np.float64)
+  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
 def read_sweep(workdir: str) -> dict[str, Any]:
@@ -74,9 +77,8 @@ def read_sweep(workdir: str) -> dict[str, Any]:
   path = os.path.join(workdir, SWEEP_FILE)
   if not os.path.exists(path):
     raise SweepError(f"{path} does not exist, so {workdir} is not a sweep's workdir. Run "
-                     "`python -m tlflax.sweep --config FILE --workdir DIR` (or --list) first.")
-  with open(path) as f:
-    return json.load(f)
+                     "`python -m tlflax.main --config FILE --workdir DIR` (or --list) first.")
+  return files.read_json(path)
 
 
 def collect(workdir: str) -> list[Row]:
@@ -90,22 +92,21 @@ def collect(workdir: str) -> list[Row]:
     others, and a warning lists them).
   """
   record = read_sweep(workdir)
-  config = flatten(record["config"])
+  config = flatten_dotted(record["config"])
   swept = list(dict.fromkeys(key for p in record["points"] for key in p["overrides"]
-                             if key != NAME_KEY))
+                             if key not in (NAME_KEY, GROUP_KEY)))
   rows = []
   for entry in record["points"]:
     path = os.path.join(workdir, entry["name"], RESULT_FILE)
     if not os.path.exists(path):
       continue
-    with open(path) as f:
-      result = json.load(f)
+    result = files.read_json(path)
     metrics = result["metrics"]
     settings = {key: entry["overrides"].get(key, config.get(key)) for key in swept}
     rows.append(Row(entry["name"], settings, float(metrics["eval/accuracy"]),
                     float(metrics["eval/loss"]), int(metrics.get("step", 0)),
                     float(result["wall_seconds"]), str(metrics.get("start", "")),
-                    result.get("finished", "")))
+                    result.get("finished", ""), str(entry["overrides"].get(GROUP_KEY, ""))))
   if len(rows) < len(record["points"]):
     missing = missing_points(workdir)
     log.warning("%d of %d points have not finished: %s", len(missing), len(record["points"]),
@@ -178,32 +179,51 @@ def group_rows(rows: Sequence[Row], exclude: Sequence[str]) -> dict[tuple, list[
   for row in rows:
     key = tuple((k, json.dumps(v, sort_keys=True)) for k, v in row.settings.items()
                 if k not in exclude)
+    if row.group:  # an explicit row: its points are averaged whatever they vary
+      key = ((GROUP_KEY, row.group),) + tuple(item for item in key
+                                              if item[0] not in _varied_within(rows, row.group))
     groups.setdefault(key, []).append(row)
   return groups
 
 
-def markdown_table(rows: Sequence[Row], missing: Sequence[str] = (), title: str = "") -> str:
-  """Accuracy per group of the non-seed settings: mean ± std over seeds and n.
+def _varied_within(rows: Sequence[Row], group: str) -> set[str]:
+  members = [r for r in rows if r.group == group]
+  return {k for k in dict.fromkeys(k for r in members for k in r.settings)
+          if len({json.dumps(r.settings.get(k), sort_keys=True) for r in members}) > 1}
+
+
+def markdown_table(rows: Sequence[Row], missing: Sequence[str] = (), title: str = "",
+                   columns: Sequence[str] | None = None) -> str:
+  """Accuracy per row of the table: mean ± std over its seeds, and n.
+
+  Points with a `group` form one row each group (named in a "run" column);
+  the others are grouped by their settings other than the seed.
 
   Args:
     rows: from `collect`.
     missing: names of unfinished points, listed under the table.
     title: a line above the table.
+    columns: the settings to show; None for every setting the points vary
+      (the seed aside).
 
   Returns:
     Markdown text; accuracy in %, std the sample standard deviation (n - 1).
   """
-  keys = [k for k in dict.fromkeys(k for row in rows for k in row.settings) if k != SEED_KEY]
+  keys = list(columns) if columns is not None else [
+      k for k in dict.fromkeys(k for row in rows for k in row.settings) if k != SEED_KEY]
+  has_groups = any(row.group for row in rows)
   lines = [f"{title}\n"] if title else []
-  lines.append("| " + " | ".join([*keys, "n", "eval accuracy (%)", "per seed", "eval loss",
-                                  "steps"]) + " |")
-  lines.append("|" + "---|" * (len(keys) + 5))
+  header = (["run"] if has_groups else []) + [*keys, "n", "eval accuracy (%)", "per seed",
+                                             "eval loss", "steps"]
+  lines.append("| " + " | ".join(header) + " |")
+  lines.append("|" + "---|" * len(header))
   for members in group_rows(rows, exclude=(SEED_KEY,)).values():
-    accuracies = np.array([100 * r.accuracy for r in members])
-    spread = f" ± {accuracies.std(ddof=1):.1f}" if len(members) > 1 else ""
-    cells = [display_value(k, members[0].settings.get(k, "")) for k in keys]
-    cells += [str(len(members)), f"{accuracies.mean():.1f}{spread}",
-              ", ".join(f"{a:.1f}" for a in accuracies),
+    accuracies = [100 * r.accuracy for r in members]
+    mean, std = mean_and_std(accuracies)
+    spread = f" ± {std:.1f}" if len(members) > 1 else ""
+    cells = [members[0].group or members[0].point] if has_groups else []
+    cells += [display_value(k, members[0].settings.get(k, "")) for k in keys]
+    cells += [str(len(members)), f"{mean:.1f}{spread}", ", ".join(f"{a:.1f}" for a in accuracies),
               f"{np.mean([r.loss for r in members]):.3f}",
               "/".join(str(s) for s in sorted({r.steps for r in members}))]
     lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
@@ -344,14 +364,15 @@ def write_reports(workdir: str, x_key: str | None = None) -> tuple[list[Row], li
   Returns:
     The rows, and the names of the points not finished yet.
   """
-  x_key = x_key or read_sweep(workdir).get("x") or DEFAULT_X
+  record = read_sweep(workdir)
+  x_key = x_key or record.get("x") or DEFAULT_X
   rows, missing = collect(workdir), missing_points(workdir)
   if not rows:
     raise SweepError(f"No point of the sweep in {workdir} has finished yet; nothing to collect "
                      f"({len(missing)} points to run).")
   write_csv(rows, os.path.join(workdir, "results.csv"))
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(markdown_table(rows, missing) + "\n")
+  files.write_text(os.path.join(workdir, "results.md"),
+                   markdown_table(rows, missing, record.get("title", ""), record.get("columns")) + "\n")
   try:
     plot(rows, plot_path(workdir, x_key), x_key)
   except SweepError as e:

@@ -1,28 +1,23 @@
-"""Converts pretrained weights once into a tlflax checkpoint.
+"""Converting pretrained weights once into a tlflax checkpoint with its provenance.
 
-    python -m tlflax.convert --source torchvision --model resnet50 \\
-        --input resnet50-0676ba61.pth --output ckpt/resnet50
-    python -m tlflax.convert --model resnet50 --input resnet50.tv2_in1k --output ckpt/r50v2
-
-`--input` is a weight file or a known pretrained id (downloaded and verified
-first; `--source` may then be left out). The checkpoint records where the
-weights came from and how images must be prepared for them, so
-`python -m tlflax.classify --weights ckpt/resnet50 ...` needs nothing else.
+`convert` loads weights of any source (a file, or a known id downloaded and
+verified first) and saves them as a tlflax checkpoint that records where they
+came from and how images must be prepared for them, so classifying with it
+needs nothing else. The command line is `python -m tlflax.cli.convert`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
-import sys
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from tlflax import models, weights
-from tlflax.weights import native, pretrained
-from tlflax.weights.common import WeightsError, flatten
+from tlflax import models
+from tlflax.tree import flatten
+from tlflax.weights import download, loader, native, registry
+from tlflax.weights.merge import WeightsError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +34,7 @@ class Conversion:
             f"parameters, " + (f"{classes} classes." if classes else "no classifier head."))
 
 
-def resolve_input(input_name: str, source: str | None) -> tuple[str, str, pretrained.PretrainedWeights | None]:
+def resolve_input(input_name: str, source: str | None) -> tuple[str, str, registry.PretrainedWeights | None]:
   """A file or pretrained id -> (local path, source, registry entry or None).
 
   Raises:
@@ -53,19 +48,19 @@ def resolve_input(input_name: str, source: str | None) -> tuple[str, str, pretra
   if os.path.exists(input_name):
     if source is None:
       raise WeightsError(f"Say which framework {input_name!r} comes from with --source "
-                         f"(one of {', '.join(weights.SOURCES)}).")
+                         f"(one of {', '.join(loader.SOURCES)}).")
     return input_name, source, None
-  if not pretrained.is_known(input_name):
+  if not registry.is_known(input_name):
     raise WeightsError(f"{input_name!r} is neither an existing file nor a known pretrained "
-                       "id (tlflax.weights.pretrained.list_ids() lists them).")
-  entry = pretrained.get(input_name)
+                       "id (tlflax.weights.registry.list_ids() lists them).")
+  entry = registry.get(input_name)
   if source not in (None, entry.source):
     raise WeightsError(f"{input_name!r} is {entry.source} weights, not {source}.")
-  return pretrained.fetch(input_name), entry.source, entry
+  return download.fetch(input_name), entry.source, entry
 
 
 def make_provenance(model_name: str, source: str, path: str, variables: Any,
-                    entry: pretrained.PretrainedWeights | None) -> dict[str, Any]:
+                    entry: registry.PretrainedWeights | None) -> dict[str, Any]:
   """The facts a tlflax checkpoint records about its weights.
 
   Preprocessing and class names come from the registry entry the file is
@@ -75,11 +70,11 @@ def make_provenance(model_name: str, source: str, path: str, variables: Any,
     >>> make_provenance("resnet18", "torchvision", "r18.pth", variables, None)["num_classes"]
     1000
   """
-  entry = entry or pretrained.matching_entry(model_name, path)
+  entry = entry or registry.matching_entry(model_name, path)
   head = flatten(variables).get("params/head/kernel")
   num_classes = None if head is None else int(np.shape(head)[-1])
   preprocessing = (entry.preprocessing if entry
-                   else pretrained.default_preprocessing(model_name))
+                   else registry.default_preprocessing(model_name))
   if entry and entry.class_names:
     class_names = entry.class_names
   else:
@@ -89,7 +84,7 @@ def make_provenance(model_name: str, source: str, path: str, variables: Any,
       "source": source,
       "weight_id": entry.id if entry else None,
       "input_file": os.path.basename(os.path.normpath(path)),
-      "input_sha256": pretrained.file_digest(path) if os.path.isfile(path) else None,
+      "input_sha256": download.file_digest(path) if os.path.isfile(path) else None,
       "num_classes": num_classes,
       "preprocessing": preprocessing.to_dict(),
       "class_names": class_names,
@@ -117,43 +112,15 @@ def convert(model_name: str, input_name: str, output: str, source: str | None = 
   if model_name not in models.model_names():
     raise WeightsError(f"Unknown model {model_name!r}. Known models: "
                        f"{', '.join(models.model_names())}.")
-  if pretrained.is_known(input_name) and not os.path.exists(input_name):
+  if registry.is_known(input_name) and not os.path.exists(input_name):
     # Checked before downloading anything.
-    wanted = pretrained.get(input_name).model_name
+    wanted = registry.get(input_name).model_name
     if wanted != model_name:
       raise WeightsError(f"{input_name!r} are weights for {wanted!r}, not {model_name!r}.")
   path, source, entry = resolve_input(input_name, source)
-  variables = weights.load(model_name, path, source=source)
+  variables = loader.load(model_name, path, source=source)
   provenance = make_provenance(model_name, source, path, variables, entry)
   written = native.save(output, variables, provenance, overwrite=overwrite)
   num_parameters = sum(int(np.size(v)) for k, v in flatten(variables).items()
                        if k.startswith("params/"))
   return Conversion(written, native.read_provenance(written), num_parameters)
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog="python -m tlflax.convert",
-      description="Convert pretrained weights into a tlflax checkpoint.")
-  parser.add_argument("--source", choices=weights.SOURCES,
-                      help="framework of the input file (optional for a pretrained id)")
-  parser.add_argument("--model", required=True, help="tlflax model name, e.g. resnet50")
-  parser.add_argument("--input", required=True, help="weight file or pretrained id")
-  parser.add_argument("--output", required=True, help="checkpoint directory to write")
-  parser.add_argument("--overwrite", action="store_true",
-                      help="replace an existing checkpoint in --output")
-  return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  args = parse_args(argv)
-  try:
-    print(convert(args.model, args.input, args.output, args.source, args.overwrite))
-  except (WeightsError, OSError) as e:  # OSError: e.g. an output folder we may not write
-    print(f"tlflax.convert: error: {e}", file=sys.stderr)
-    return 1
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -1,4 +1,4 @@
-"""Known pretrained weights: where to download them, how to check them, how to use them.
+"""Known pretrained weights: where each is published, how to check it, how to use it.
 
 An id is `<model name>.<tag>`: the tlflax model name (`tlflax.models.model_names()`)
 and a tag naming who trained the weights, how, and on what, as timm names them:
@@ -8,7 +8,8 @@ and a tag naming who trained the weights, how, and on what, as timm names them:
     resnet50.a1_in1k       timm, "ResNet strikes back" A1 recipe (a1h: A1 + tweaks)
     keras_resnet50.in1k    keras.applications (the `keras_` model says who)
 
-    >>> path = fetch("resnet50.tv2_in1k")          # downloaded once, then cached
+    >>> get("resnet50.tv2_in1k").url
+    >>> path = tlflax.weights.download.fetch("resnet50.tv2_in1k")   # once, then cached
     >>> variables = tlflax.weights.load("resnet50", "resnet50.tv2_in1k")
 
 How each file is checked (facts taken from the publishers' own code):
@@ -23,33 +24,20 @@ How each file is checked (facts taken from the publishers' own code):
   as the server's Content-Length) is kept, and its sha256 is logged so a user
   can pin it with `register`.
 
-Downloads go to `cache_dir()` (`$TLFLAX_CACHE_DIR`, else `~/.cache/tlflax`).
+`tlflax.weights.download` fetches and verifies the files.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
-import http.client
+import difflib
 import importlib.resources
-import logging
 import os
-import tempfile
-import urllib.error
-import urllib.request
-from typing import BinaryIO
 
 from tlflax.data.images import CAFFE, TF, TORCH, Preprocessing
-from tlflax.weights.common import WeightsError
+from tlflax.weights.merge import WeightsError
 
-logger = logging.getLogger(__name__)
-
-CACHE_ENV_VAR = "TLFLAX_CACHE_DIR"
-# Seconds to wait for a connection or for the next bytes. Short on purpose: a
-# machine without internet should hear so at once, not after minutes.
-DOWNLOAD_TIMEOUT_S = 10.0
-_CHUNK_BYTES = 1 << 20
 
 # Class lists shipped inside the package, by key.
 # imagenet_classes.txt: torchvision's `ResNet50_Weights.IMAGENET1K_V1.meta["categories"]`,
@@ -298,7 +286,7 @@ def get(weight_id: str) -> PretrainedWeights:
   close = difflib.get_close_matches(str(weight_id), list(_ENTRIES), n=5, cutoff=0.6)
   close += [i for i in list_ids(model) if i not in close]
   hint = (f" Did you mean {', '.join(close)}?" if close
-          else " See tlflax.weights.pretrained.list_ids().")
+          else " See tlflax.weights.registry.list_ids().")
   raise WeightsError(f"Unknown pretrained weights {weight_id!r}.{hint}")
 
 
@@ -335,161 +323,3 @@ def class_names(key: str) -> list[str]:
   text = importlib.resources.files("tlflax.weights").joinpath(_CLASS_FILES[key]).read_text(
       encoding="utf-8")
   return text.splitlines()
-
-
-# ----------------------------------------------------------------------------
-# The download cache
-# ----------------------------------------------------------------------------
-
-def cache_dir() -> str:
-  """Where downloads are kept: `$TLFLAX_CACHE_DIR`, else `~/.cache/tlflax`."""
-  return os.path.expanduser(os.environ.get(CACHE_ENV_VAR) or os.path.join("~", ".cache", "tlflax"))
-
-
-def _cache_dir_or_default(directory: str | os.PathLike | None) -> str:
-  return os.path.expanduser(os.fspath(directory)) if directory else cache_dir()
-
-
-def cached_path(weight_id: str, cache_dir: str | os.PathLike | None = None) -> str:  # pylint: disable=redefined-outer-name
-  """Where `fetch` keeps (or looks for) the file of `weight_id`.
-
-  Example:
-    >>> cached_path("resnet18.tv_in1k", "/data/weights")
-    '/data/weights/resnet18-f37072fd.pth'
-  """
-  return os.path.join(_cache_dir_or_default(cache_dir), get(weight_id).file_name)
-
-
-def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
-  """Hex digest of a file, read in chunks.
-
-  Example:
-    >>> file_digest("resnet18-f37072fd.pth")[:8]
-    'f37072fd'
-  """
-  digest = hashlib.new(algorithm)
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(_CHUNK_BYTES), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
-def fetch(weight_id: str, cache_dir: str | os.PathLike | None = None,  # pylint: disable=redefined-outer-name
-          timeout: float = DOWNLOAD_TIMEOUT_S, progress: bool | None = None) -> str:
-  """Returns the local path of a known weight file, downloading it if needed.
-
-  A cached file is used when its hash verifies (a file with the wrong hash is
-  downloaded again). A download goes to a hidden temporary file beside the
-  target and is renamed into place only once complete and verified, so an
-  interrupted or corrupted download never leaves a file that looks complete.
-
-  Args:
-    weight_id: a registry id, e.g. "resnet50.tv_in1k".
-    cache_dir: where to keep the file; `cache_dir()` by default.
-    timeout: seconds to wait for the server before giving up (no retries).
-    progress: show a progress bar; by default only on a terminal.
-
-  Returns:
-    The path of the verified file.
-
-  Raises:
-    WeightsError: unknown id; download impossible (naming the URL and the
-      path where the file can be put by hand); incomplete download; hash
-      mismatch (naming the expected and actual hash).
-
-  Example:
-    >>> fetch("resnet18.tv_in1k")
-    '/home/me/.cache/tlflax/resnet18-f37072fd.pth'
-  """
-  entry = get(weight_id)
-  target = cached_path(weight_id, cache_dir)
-  stale_reason = ""
-  if os.path.isfile(target):
-    actual = _hash_of(target, entry)
-    if actual is None or entry.hash.matches(actual):
-      return target
-    stale_reason = (f"The file already at {target} has {entry.hash.algorithm} {actual}, "
-                    f"not the expected {entry.hash}. ")
-    logger.warning("%sDownloading it again.", stale_reason)
-  _download(entry, target, timeout, progress, stale_reason)
-  return target
-
-
-def _hash_of(path: str, entry: PretrainedWeights) -> str | None:
-  return None if entry.hash is None else file_digest(path, entry.hash.algorithm)
-
-
-def _download(entry: PretrainedWeights, target: str, timeout: float,
-              progress: bool | None, stale_reason: str) -> None:
-  """Downloads `entry.url` to `target` via a temporary file; see `fetch`."""
-  directory = os.path.dirname(target)
-  try:
-    os.makedirs(directory, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=directory, prefix=f".{entry.file_name}.",
-                                       suffix=".part")
-  except OSError as e:
-    raise WeightsError(f"Cannot write to the download cache {directory}: {e}. Set "
-                       f"${CACHE_ENV_VAR} to a writable folder.") from e
-  try:
-    with os.fdopen(handle, "wb") as out:
-      digests = _copy_url(entry, target, out, timeout, progress, stale_reason)
-    if entry.hash is not None:
-      actual = digests[entry.hash.algorithm]
-      if not entry.hash.matches(actual):
-        raise WeightsError(
-            f"Hash mismatch for {entry.url}: expected {entry.hash}, got "
-            f"{entry.hash.algorithm} {actual}. The download was deleted; the file "
-            "on the server may have changed, or the transfer was corrupted.")
-    else:
-      logger.warning("%s is not verified (%s); its sha256 is %s.", entry.id,
-                     entry.hash_note, digests["sha256"])
-    os.replace(partial, target)
-  except BaseException:  # KeyboardInterrupt included: never leave the partial file
-    if os.path.exists(partial):
-      os.remove(partial)
-    raise
-
-
-def _copy_url(entry: PretrainedWeights, target: str, out: BinaryIO, timeout: float,
-              progress: bool | None, stale_reason: str) -> dict[str, str]:
-  """Streams the URL into `out`; returns the hex digests of what was written."""
-  import tqdm  # pylint: disable=import-outside-toplevel
-
-  algorithms = {"sha256"} | ({entry.hash.algorithm} if entry.hash else set())
-  digests = {a: hashlib.new(a) for a in algorithms}
-
-  def failure(reason) -> WeightsError:
-    expectation = f" (it must have {entry.hash})" if entry.hash else ""
-    return WeightsError(
-        f"{stale_reason}Could not download {entry.id} from {entry.url}: {reason}. "
-        f"Without internet access, download that URL elsewhere and put the file "
-        f"at {target}{expectation}; set ${CACHE_ENV_VAR} to use another folder.")
-
-  try:
-    response = urllib.request.urlopen(entry.url, timeout=timeout)  # pylint: disable=consider-using-with
-  except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
-    # An HTTPError says more as a whole ("HTTP Error 404: Not Found").
-    reason = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
-    raise failure(reason) from e
-  with response:
-    length = response.headers.get("Content-Length")
-    expected_bytes = int(length) if length and length.isdigit() else None
-    received = 0
-    with tqdm.tqdm(total=expected_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-                   desc=entry.file_name, disable=None if progress is None else not progress,
-                   leave=False) as bar:
-      while True:
-        try:
-          chunk = response.read(_CHUNK_BYTES)
-        except (OSError, http.client.HTTPException) as e:
-          raise failure(f"the transfer broke off after {received} bytes ({e})") from e
-        if not chunk:
-          break
-        out.write(chunk)  # a full disk raises its own, clear OSError
-        for digest in digests.values():
-          digest.update(chunk)
-        received += len(chunk)
-        bar.update(len(chunk))
-  if expected_bytes is not None and received != expected_bytes:
-    raise failure(f"the transfer ended after {received} of {expected_bytes} bytes")
-  return {a: d.hexdigest() for a, d in digests.items()}

@@ -1,9 +1,9 @@
 """Linear probes on cached features: a grid of softmax heads trained at once.
 
-    python -m tlflax.linear_probe --features features/digits \\
+    python -m tlflax.cli.linear_probe --features features/digits \\
         --learning_rates 1e-3,1e-2,1e-1 --weight_decays 0,1e-4,1e-3 --steps 500
 
-reads what `python -m tlflax.features` wrote, fits one linear softmax head per
+reads what `python -m tlflax.cli.features` wrote, fits one linear softmax head per
 (learning rate, weight decay) pair on the train split, scores each on the eval
 split, prints both accuracy grids and the best point, and writes
 `DIR/linear_probe.json`.
@@ -27,12 +27,8 @@ validation part of the train split for an unbiased test number.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
-import os
-import sys
 from typing import Sequence
 
 import jax
@@ -396,62 +392,3 @@ def result_summary(result: GridResult) -> dict:
                "val_accuracy": result.best_val_accuracy,
                "train_accuracy": float(result.train_accuracy[result.best_index])},
   }
-
-
-def _float_list(text: str) -> list[float]:
-  try:
-    return [float(v) for v in text.split(",") if v.strip()]
-  except ValueError as e:
-    raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog="python -m tlflax.linear_probe",
-      description="Fit a grid of linear probes on features written by tlflax.features.")
-  parser.add_argument("--features", required=True,
-                      help="directory written by python -m tlflax.features (train and eval)")
-  parser.add_argument("--learning_rates", type=_float_list, default=[1e-3, 1e-2, 1e-1],
-                      help="comma-separated Adam learning rates")
-  parser.add_argument("--weight_decays", type=_float_list, default=[0.0, 1e-4, 1e-3],
-                      help="comma-separated L2 strengths")
-  parser.add_argument("--steps", type=int, default=500, help="optimizer steps per head")
-  parser.add_argument("--batch_size", type=int, default=0,
-                      help="rows per step; 0 = the whole train split every step")
-  parser.add_argument("--seed", type=int, default=0, help="minibatch order")
-  return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  # Imported here: the features module brings the data pipeline with it.
-  from tlflax import features  # pylint: disable=import-outside-toplevel
-  args = parse_args(argv)
-  try:
-    info = features.read_info(args.features)
-    train_x, train_y = features.load(args.features, "train")
-    val_x, val_y = features.load(args.features, "eval")
-    num_classes = int(info.get("num_classes") or max(train_y.max(), val_y.max()) + 1)
-    result = fit_grid(train_x, train_y, val_x, val_y, num_classes, args.learning_rates,
-                      args.weight_decays, steps=args.steps,
-                      batch_size=args.batch_size or None, seed=args.seed)
-  except (ValueError, OSError) as e:
-    print(f"tlflax.linear_probe: error: {e}", file=sys.stderr)
-    return 1
-  extraction = info.get("extraction", {})
-  print(f"Linear probes on {extraction.get('model')} {extraction.get('stage')} features "
-        f"({train_x.shape[0]} train, {val_x.shape[0]} eval examples, {num_classes} classes), "
-        f"{result.steps} steps each.")
-  print("\nEval accuracy (%):\n" + format_grid(result))
-  print("\nTrain accuracy (%):\n" + format_grid(result, "train_accuracy"))
-  print(f"\nBest: learning rate {result.best_learning_rate:g}, weight decay "
-        f"{result.best_weight_decay:g}: eval accuracy {100 * result.best_val_accuracy:.2f}%")
-  summary = {"features": extraction, **result_summary(result)}
-  path = os.path.join(args.features, RESULT_FILE)
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=1)
-  print(f"Wrote {path}")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

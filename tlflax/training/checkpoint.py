@@ -25,12 +25,9 @@ deletes, so a restart resumes from the last complete checkpoint.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import signal
-import threading
 from typing import Any, Mapping
 
 import jax
@@ -39,10 +36,13 @@ from etils import epath
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from tlflax import tree
+from tlflax.training import workdir as workdir_lib
+
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
-CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = workdir_lib.CHECKPOINT_DIR
+CONFIG_FILE = workdir_lib.CONFIG_FILE
 STATE_ITEM = "state"
 EXTRA_ITEM = "extra"
 
@@ -50,8 +50,7 @@ EXTRA_ITEM = "extra"
 _LOWER_IS_BETTER = ("loss", "error", "perplexity", "nll")
 
 
-class CheckpointError(ValueError):
-  """A checkpoint or workdir that cannot be used, with what to do about it."""
+CheckpointError = workdir_lib.CheckpointError
 
 
 # ----------------------------------------------------------------------------
@@ -96,7 +95,7 @@ class Checkpointer:
     """
     if keep is not None and keep < 1:
       raise ValueError(f"keep={keep}: keep at least one checkpoint (or None for all).")
-    self.workdir = _usable_workdir(workdir)
+    self.workdir = workdir_lib.usable_workdir(workdir)
     self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
     self.best_metric = best_metric or None
     self.best_mode = resolve_best_mode(best_metric, best_mode) if best_metric else None
@@ -125,7 +124,7 @@ class Checkpointer:
                                           handler_registry=_handler_registry())
     self._metrics_saved_here: dict[int, dict[str, float]] = {}
     if config is not None and jax.process_index() == 0:
-      write_config(self.workdir, config, resumed_at=self.latest_step())
+      workdir_lib.write_config(self.workdir, config, resumed_at=self.latest_step())
 
   # -- queries ----------------------------------------------------------------
 
@@ -354,13 +353,9 @@ def _find_step_dir(path: str, step: int | None) -> str:
 # Structure checks
 # ----------------------------------------------------------------------------
 
-def _path_string(key_path) -> str:
-  return jax.tree_util.keystr(key_path, simple=True, separator="/")
-
-
 def _template_leaves(template) -> dict[str, tuple[tuple[int, ...], str]]:
-  leaves = jax.tree_util.tree_flatten_with_path(template)[0]
-  return {_path_string(p): (tuple(np.shape(x)), _dtype_name(x)) for p, x in leaves}
+  return {path: (tuple(np.shape(x)), _dtype_name(x))
+          for path, x in tree.leaves_with_paths(template).items()}
 
 
 def _dtype_name(leaf) -> str:
@@ -369,10 +364,9 @@ def _dtype_name(leaf) -> str:
 
 
 def _metadata_leaves(saved) -> dict[str, tuple[tuple[int, ...], str]]:
-  tree = saved.tree if hasattr(saved, "tree") else saved
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {_path_string(p): (tuple(m.shape), str(np.dtype(m.dtype)))
-          for p, m in leaves if hasattr(m, "shape")}
+  saved = saved.tree if hasattr(saved, "tree") else saved
+  return {path: (tuple(m.shape), str(np.dtype(m.dtype)))
+          for path, m in tree.leaves_with_paths(saved).items() if hasattr(m, "shape")}
 
 
 def describe_mismatch(saved: Mapping[str, tuple], wanted: Mapping[str, tuple],
@@ -386,9 +380,7 @@ def describe_mismatch(saved: Mapping[str, tuple], wanted: Mapping[str, tuple],
   Returns:
     A readable multi-line description, or None when they agree.
   """
-  only_saved = _params_first(set(saved) - set(wanted))
-  only_wanted = _params_first(set(wanted) - set(saved))
-  differing = _params_first(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+  only_saved, only_wanted, differing = tree.differences(saved, wanted)
   if not (only_saved or only_wanted or differing):
     return None
   parts = sorted({k.split("/")[0] for k in only_saved + only_wanted + differing})
@@ -396,20 +388,13 @@ def describe_mismatch(saved: Mapping[str, tuple], wanted: Mapping[str, tuple],
   for title, keys in (("in the checkpoint only", only_saved),
                       ("in this run's state only", only_wanted)):
     if keys:
-      lines.append(f"  {len(keys)} {title}: " + ", ".join(keys[:limit])
-                   + (" ..." if len(keys) > limit else ""))
+      lines.append(tree.listing(title, keys, limit))
   for key in differing[:limit]:
     lines.append(f"  {key}: checkpoint {saved[key][0]} {saved[key][1]}, "
                  f"this run {wanted[key][0]} {wanted[key][1]}")
   if len(differing) > limit:
     lines.append(f"  ... and {len(differing) - limit} more with another shape or dtype")
   return "\n".join(lines)
-
-
-def _params_first(keys) -> list[str]:
-  # Parameter differences explain the most (another model or head), so lead.
-  order = {"params": 0, "batch_stats": 1}
-  return sorted(keys, key=lambda k: (order.get(k.split("/")[0], 2), k))
 
 
 def _abstract(leaf):
@@ -468,21 +453,10 @@ def _metric_getter(name: str, mode: str):
 
 def _to_json(value: Any, what: str) -> Any:
   """`value` with numpy/jax scalars turned into Python numbers; checked for JSON."""
-  def convert(x):
-    if isinstance(x, Mapping):
-      return {str(k): convert(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-      return [convert(v) for v in x]
-    if isinstance(x, (np.generic, np.ndarray, jax.Array)) and np.ndim(x) == 0:
-      return np.asarray(x).item()
-    return x
-
-  converted = convert(value)
   try:
-    json.dumps(converted)
+    return tree.to_json(value)
   except (TypeError, ValueError) as e:
     raise ValueError(f"The checkpoint's {what} must be JSON-serialisable: {e}") from e
-  return converted
 
 
 def _metrics_to_json(metrics: Mapping[str, Any] | None) -> dict[str, float] | None:
@@ -494,120 +468,3 @@ def _metrics_to_json(metrics: Mapping[str, Any] | None) -> dict[str, float] | No
     raise ValueError(f"Checkpoint metrics must be scalars: {e}") from e
 
 
-def config_to_json(config: Any) -> str:
-  """The config as indented, key-sorted JSON (ConfigDict or plain dict)."""
-  if hasattr(config, "to_json_best_effort"):
-    return config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
-  return json.dumps(config, indent=2, sort_keys=True, default=str) + "\n"
-
-
-def write_config(workdir: str, config: Any, resumed_at: int | None = None) -> str:
-  """Writes `WORKDIR/config.json` once; a resumed run never overwrites it.
-
-  A resumed run with a different config writes
-  `config.resumed_at_step_<N>.json` beside it, so both stay on record.
-  Call from one process only.
-
-  Returns:
-    The path written (or the existing config.json when unchanged).
-  """
-  os.makedirs(workdir, exist_ok=True)
-  text = config_to_json(config)
-  path = os.path.join(workdir, CONFIG_FILE)
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      if f.read() == text:
-        return path
-    path = os.path.join(workdir, f"config.resumed_at_step_{resumed_at or 0}.json")
-    logger.warning("The config differs from %s; writing this run's to %s.",
-                   os.path.join(workdir, CONFIG_FILE), path)
-  _write_atomically(path, text)
-  return path
-
-
-def _write_atomically(path: str, text: str) -> None:
-  partial = f"{path}.partial-{os.getpid()}"
-  with open(partial, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(partial, path)
-
-
-def _usable_workdir(workdir: str | os.PathLike) -> str:
-  workdir = os.path.abspath(os.fspath(workdir))
-  for path in (workdir, os.path.join(workdir, CHECKPOINT_DIR)):
-    if os.path.exists(path) and not os.path.isdir(path):
-      raise CheckpointError(f"{path} is a file, not a directory; choose another workdir "
-                            "(checkpoints go to WORKDIR/checkpoints/).")
-  return workdir
-
-
-# ----------------------------------------------------------------------------
-# Preemption
-# ----------------------------------------------------------------------------
-
-_preempted = threading.Event()
-_previous_handlers: dict[int, Any] = {}
-
-
-def install_preemption_handler(signals=(signal.SIGTERM,)) -> bool:
-  """Turns SIGTERM into a flag that `preemption_requested()` reports.
-
-  The training loop polls the flag, saves a final checkpoint and exits
-  cleanly; a second signal ends the process the usual way. Call it from the
-  main thread.
-
-  In a multi-process run, SIGTERM is left to JAX's preemption service (which
-  `jax.distributed.initialize` starts): every process must stop at the same
-  step, which `preemption_requested(step)` agrees on.
-
-  Args:
-    signals: the signals to catch.
-
-  Returns:
-    True if handlers were installed (single process), False otherwise.
-  """
-  if jax.process_count() > 1:
-    return False
-  for sig in signals:
-    previous = signal.signal(sig, _on_signal)
-    if previous is not _on_signal:  # installing twice must not chain to itself
-      _previous_handlers[sig] = previous
-  return True
-
-
-def _on_signal(signum, frame) -> None:
-  if _preempted.is_set():  # second signal: do what it would have done
-    previous = _previous_handlers.get(signum)
-    # None: a handler not set from Python; the default is the safe stand-in.
-    signal.signal(signum, signal.SIG_DFL if previous is None else previous)
-    os.kill(os.getpid(), signum)
-    return
-  logger.warning("Received signal %d: will save a checkpoint and stop.", signum)
-  _preempted.set()
-
-
-def preemption_requested(step: int | None = None) -> bool:
-  """Whether the loop should save and stop now.
-
-  Args:
-    step: the current step. In a multi-process run pass it at every step on
-      every process: JAX's preemption sync point then tells all processes to
-      stop at the same step.
-
-  Returns:
-    True after SIGTERM (single process) or at the agreed step (multi-process).
-  """
-  if _preempted.is_set():
-    return True
-  if step is not None and jax.process_count() > 1:
-    try:
-      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-      return bool(multihost_utils.reached_preemption_sync_point(int(step)))
-    except RuntimeError:  # the preemption service is disabled
-      return False
-  return False
-
-
-def reset_preemption() -> None:
-  """Clears the flag (for tests and for code that handles a preemption itself)."""
-  _preempted.clear()

@@ -1,8 +1,8 @@
 """Runs a pretrained classifier as it is on image files and prints its top guesses.
 
-    python -m tlflax.classify --model resnet50 --weights resnet50.tv2_in1k cat.jpg dog.png
-    python -m tlflax.classify --weights ckpt/resnet50 --top_k 3 photos/*.jpg
-    python -m tlflax.classify --model resnet18 --weights r18.pth --source torchvision \\
+    python -m tlflax.cli.classify --model resnet50 --weights resnet50.tv2_in1k cat.jpg dog.png
+    python -m tlflax.cli.classify --weights ckpt/resnet50 --top_k 3 photos/*.jpg
+    python -m tlflax.cli.classify --model resnet18 --weights r18.pth --source torchvision \\
         --class_names my_classes.txt --image_size 160 cat.jpg
 
 `--weights` is a tlflax checkpoint directory, a pretrained id, or a weight
@@ -13,10 +13,8 @@ overridden. For a checkpoint or an id `--model` may be left out.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
-import sys
 from typing import Any, Sequence
 
 import jax
@@ -24,8 +22,9 @@ import numpy as np
 
 from tlflax import models, weights
 from tlflax.data import images
-from tlflax.weights import native, pretrained
-from tlflax.weights.common import WeightsError, flatten
+from tlflax.tree import flatten
+from tlflax.weights import native, registry
+from tlflax.weights.merge import WeightsError
 
 BATCH_SIZE = 16
 
@@ -69,8 +68,8 @@ def classify(model_name: str, variables: Any, image_paths: Sequence[str | os.Pat
   Example:
     >>> variables = tlflax.weights.load("resnet50", "resnet50.tv2_in1k")
     >>> guesses = classify("resnet50", variables, ["cat.jpg"],
-    ...                    pretrained.get("resnet50.tv2_in1k").preprocessing,
-    ...                    pretrained.class_names("imagenet1k"))
+    ...                    registry.get("resnet50.tv2_in1k").preprocessing,
+    ...                    registry.class_names("imagenet1k"))
     >>> guesses[0][0].name
     'tabby'
   """
@@ -127,8 +126,8 @@ def load_classifier(weights_arg: str, model_name: str | None = None,
     names = provenance.get("class_names")
     description = (f"tlflax checkpoint {weights_arg} "
                    f"({provenance.get('weight_id') or provenance.get('input_file')})")
-  elif not os.path.exists(weights_arg) and pretrained.is_known(weights_arg):
-    entry = pretrained.get(weights_arg)
+  elif not os.path.exists(weights_arg) and registry.is_known(weights_arg):
+    entry = registry.get(weights_arg)
     model_name = model_name or entry.model_name
     variables = weights.load(model_name, weights_arg, source=source)
     preprocessing, names, description = entry.preprocessing, entry.class_names, entry.id
@@ -136,16 +135,16 @@ def load_classifier(weights_arg: str, model_name: str | None = None,
     if model_name is None:
       raise WeightsError(f"Say which model {weights_arg!r} is for with --model.")
     variables = weights.load(model_name, weights_arg, source=source)
-    entry = pretrained.matching_entry(model_name, weights_arg)
+    entry = registry.matching_entry(model_name, weights_arg)
     head = flatten(variables).get("params/head/kernel")
     if entry:
       preprocessing, names = entry.preprocessing, entry.class_names
     else:
-      preprocessing = pretrained.default_preprocessing(model_name)
+      preprocessing = registry.default_preprocessing(model_name)
       names = "imagenet1k" if head is not None and head.shape[-1] == 1000 else None
     description = f"{source} file {weights_arg}" + (f" ({entry.id})" if entry else "")
   if isinstance(names, str):
-    names = pretrained.class_names(names)
+    names = registry.class_names(names)
   return Classifier(model_name, variables, preprocessing, names, description)
 
 
@@ -162,47 +161,3 @@ def format_guesses(image_path: str, guesses: Sequence[Guess]) -> str:
   """`cat.jpg` followed by one indented "probability  name" line per guess."""
   return "\n".join([str(image_path)]
                    + [f"  {g.probability:7.2%}  {g.name}" for g in guesses])
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog="python -m tlflax.classify",
-      description="Classify images with a pretrained model as it is.")
-  parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-  parser.add_argument("--weights", required=True,
-                      help="tlflax checkpoint directory, pretrained id, or weight file")
-  parser.add_argument("--model", help="tlflax model name (optional for a checkpoint or id)")
-  parser.add_argument("--source", choices=weights.SOURCES, help="framework of a weight file")
-  parser.add_argument("--top_k", type=int, default=5, help="guesses per image")
-  parser.add_argument("--class_names", help="file with one class name per line")
-  parser.add_argument("--image_size", type=int,
-                      help="crop size; the resize size keeps its ratio to it")
-  parser.add_argument("--resize_size", type=int, help="shorter side before the centre crop")
-  return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  args = parse_args(argv)
-  try:
-    classifier = load_classifier(args.weights, args.model, args.source)
-    preprocessing = classifier.preprocessing
-    if args.image_size:
-      preprocessing = preprocessing.with_crop_size(args.image_size)
-    if args.resize_size:
-      preprocessing = dataclasses.replace(preprocessing, resize_size=args.resize_size)
-    names = (read_class_names(args.class_names) if args.class_names
-             else classifier.class_names)
-    results = classify(classifier.model_name, classifier.variables, args.images,
-                       preprocessing, names, args.top_k)
-  except (WeightsError, ValueError, OSError) as e:
-    # PIL's UnidentifiedImageError is an OSError: a file that is no image.
-    print(f"tlflax.classify: error: {e}", file=sys.stderr)
-    return 1
-  print(f"{classifier.model_name} with {classifier.description}")
-  for path, guesses in zip(args.images, results):
-    print(format_guesses(path, guesses))
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -28,8 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from typing import Any, Optional
 
 import jax
@@ -39,7 +37,8 @@ import numpy as np
 from tlflax import models
 from tlflax.data import pipeline
 from tlflax.freeze import Freezing
-from tlflax.weights.common import flatten
+from tlflax import files
+from tlflax.tree import flatten
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +47,7 @@ FORMAT_VERSION = 1
 
 def default_directory() -> str:
   """`$TLFLAX_CACHE_DIR/prefix` (default `~/.cache/tlflax/prefix`)."""
-  base = os.environ.get("TLFLAX_CACHE_DIR") or os.path.join(
-      os.path.expanduser("~"), ".cache", "tlflax")
-  return os.path.join(base, "prefix")
+  return files.cache_dir("prefix")
 
 
 def frozen_prefix(model, freezing: Freezing, params) -> Optional[str]:
@@ -77,7 +74,7 @@ def frozen_prefix(model, freezing: Freezing, params) -> Optional[str]:
     if not all(freezing.path_multiplier[p] == 0 for p in paths):
       break
     deepest = stage
-    if stage == getattr(model, "last_stage", None):
+    if stage == model.last_stage:
       break
   return deepest
 
@@ -218,18 +215,8 @@ def prefix_outputs(model_name: str, model, variables, dataset: pipeline.Dataset,
 
 def _write(path: str, features: np.ndarray, labels: np.ndarray, info: dict[str, Any]) -> None:
   """Writes a cache entry atomically: a reader sees all of it or none."""
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  scratch = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-  try:
-    np.save(os.path.join(scratch, "features.npy"), features)
-    np.save(os.path.join(scratch, "labels.npy"), labels)
-    with open(os.path.join(scratch, "info.json"), "w") as f:
-      json.dump(info, f, indent=1)
-    try:
-      os.rename(scratch, path)
-    except OSError:  # another process wrote the same entry first
-      if not os.path.exists(os.path.join(path, "info.json")):
-        raise
-  finally:
-    shutil.rmtree(scratch, ignore_errors=True)
+  # An entry another process wrote first is kept (it holds the same arrays).
+  with files.atomic_directory(path) as staging:
+    np.save(os.path.join(staging, "features.npy"), features)
+    np.save(os.path.join(staging, "labels.npy"), labels)
+    files.write_json(os.path.join(staging, "info.json"), info)

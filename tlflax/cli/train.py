@@ -1,0 +1,141 @@
+"""Training: `python -m tlflax.main --config configs/NAME.py --workdir DIR`.
+
+A config file with `get_config()` is one run, trained by
+`tlflax.training.train_and_evaluate` in DIR (resumed if DIR holds a
+checkpoint). A config file that also defines `sweep()` is a sweep (see
+`tlflax.sweeps`): every point trains in `DIR/<point>`, finished points are
+skipped, and `results.md`, `results.csv` and a plot are written at the end.
+
+Any config key can be overridden, e.g. `--config.optimizer.learning_rate=0.1`;
+the config is locked, so a misspelt key is an error. For a sweep: `--list`
+prints one command per point (e.g. for a SLURM array, `--point
+$SLURM_ARRAY_TASK_ID`), `--point N` runs that point only, `--collect` writes
+the reports from the points finished so far, `--x KEY` sets the plot's
+x-axis, `--overwrite` lets a workdir that holds a different sweep take this
+one (finished points are never deleted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Sequence
+
+from absl import flags
+from ml_collections import config_flags
+
+from tlflax.cli import app
+from tlflax.sweeps import points as points_lib
+from tlflax.sweeps import results, runner
+from tlflax.sweeps.results import DEFAULT_X, SweepError
+
+PROGRAM = "tlflax.main"
+FLAGS = app.new_flags()
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "A get_config() file in configs/ (with sweep(): a sweep).",
+    flag_values=FLAGS, lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics (a "
+                               "sweep: one sub-directory per point).", flag_values=FLAGS)
+_LIST = flags.DEFINE_bool("list", False, "Sweep: print one command per point (--point N) "
+                          "instead of running.", flag_values=FLAGS)
+_POINT = flags.DEFINE_integer("point", None, "Sweep: run only this point (0-based), e.g. "
+                              "$SLURM_ARRAY_TASK_ID.", flag_values=FLAGS)
+_COLLECT = flags.DEFINE_bool("collect", False, "Sweep: only write results.csv, results.md and "
+                             "the plot from the points finished so far.", flag_values=FLAGS)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Sweep: redefine the sweep in a workdir that "
+                               "holds a different one; finished points are kept.",
+                               flag_values=FLAGS)
+_X = flags.DEFINE_string("x", None, "Sweep: the setting on the plot's x-axis (default: the "
+                         f"config's SWEEP_X, else {DEFAULT_X}).", flag_values=FLAGS)
+flags.mark_flag_as_required("workdir", flag_values=FLAGS)
+
+
+def config_overrides_from_argv(argv: Sequence[str]) -> list[str]:
+  """The `--config.KEY=VALUE` arguments of a command line, to pass on unchanged.
+
+  Args:
+    argv: the command line's arguments (without the program).
+
+  Returns:
+    The overrides, e.g. `["--config.num_train_steps=1"]` (a value given as a
+    separate argument stays one).
+  """
+  passed, arguments = [], list(argv)
+  for i, argument in enumerate(arguments):
+    if argument.startswith("--config."):
+      passed.append(argument)
+      if "=" not in argument and i + 1 < len(arguments) and not arguments[i + 1].startswith("-"):
+        passed.append(arguments[i + 1])
+  return passed
+
+
+def _print_reports(workdir: str) -> None:
+  with open(os.path.join(workdir, "results.md"), encoding="utf-8") as f:
+    print(f.read(), end="")
+  print(f"Written: {workdir}/results.csv, results.md and the plot.")
+
+
+def _train_one(workdir: str) -> int:
+  if _LIST.value or _POINT.value is not None or _COLLECT.value or _X.value:
+    raise SweepError("--list, --point, --collect and --x are for sweeps; this config has no "
+                     "sweep() function, so it is one run.")
+  from tlflax import training  # pylint: disable=import-outside-toplevel
+  result = training.train_and_evaluate(_CONFIG.value, workdir)
+  print(json.dumps(result, indent=1, default=str))
+  return app.OK
+
+
+def _sweep(module, config_file: str, workdir: str, argv: Sequence[str]) -> int:
+  if _LIST.value and _POINT.value is not None:
+    raise SweepError("Use --list or --point, not both.")
+  if _COLLECT.value and (_LIST.value or _POINT.value is not None):
+    raise SweepError("--collect only reads finished points: use it without --list and --point.")
+  config = _CONFIG.value
+  x_key = _X.value or getattr(module, "SWEEP_X", DEFAULT_X)
+  reporting = dict(columns=getattr(module, "SWEEP_COLUMNS", None),
+                   title=getattr(module, "SWEEP_TITLE", ""))
+  points = points_lib.make_points(module.sweep(), config)
+  if _COLLECT.value:
+    results.write_reports(workdir, _X.value)
+    _print_reports(workdir)
+  elif _LIST.value:
+    runner.prepare(config, points, workdir, x_key, _OVERWRITE.value, **reporting)
+    print("\n".join(runner.point_commands(config_file, workdir, len(points),
+                                          config_overrides_from_argv(argv), _X.value)))
+  elif _POINT.value is not None:
+    point = runner.select_point(points, _POINT.value)
+    runner.prepare(config, points, workdir, x_key, _OVERWRITE.value, **reporting)
+    runner.check_start_weights(config, [point], workdir)
+    if runner.run_point(config, point, workdir) is not None:
+      print(f"Point {point.index} ({point.name}) finished. When every point has, run the "
+            "same command with --collect instead of --point.")
+  elif runner.run_sweep(config, points, workdir, x_key, _OVERWRITE.value,
+                        **reporting) is not None:
+    _print_reports(workdir)
+  return app.OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the command line (see the module docstring); returns the exit status."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+
+  def body(_) -> int:
+    workdir = os.path.abspath(_WORKDIR.value)
+    if _COLLECT.value and _CONFIG.value is None:  # reports need no config
+      results.write_reports(workdir, _X.value)
+      _print_reports(workdir)
+      return app.OK
+    if _CONFIG.value is None:
+      raise SweepError("--config is required (except with --collect).")
+    config_file = FLAGS["config"].config_filename  # with its ":ARG", if any
+    module = points_lib.load_config_module(config_file)
+    if callable(getattr(module, "sweep", None)):
+      return _sweep(module, config_file, workdir, argv)
+    return _train_one(workdir)
+
+  return app.run(PROGRAM, FLAGS, body, argv)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

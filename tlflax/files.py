@@ -1,0 +1,102 @@
+"""Files that are complete or absent, and where tlflax keeps its caches.
+
+Every file tlflax writes for later reading (configs, results, checkpoints of
+converted weights, cached features, downloads) goes through one of these, so
+a run killed mid-write never leaves a half-written file that a later run
+would trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+CACHE_ENV_VAR = "TLFLAX_CACHE_DIR"
+
+
+def cache_dir(*parts: str) -> str:
+  """`$TLFLAX_CACHE_DIR/<parts>`, else `~/.cache/tlflax/<parts>`.
+
+  Example:
+    >>> cache_dir("prefix")
+    '/home/me/.cache/tlflax/prefix'
+  """
+  base = os.environ.get(CACHE_ENV_VAR) or os.path.join("~", ".cache", "tlflax")
+  return os.path.join(os.path.expanduser(base), *parts)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
+  """Opens a temporary file beside `path`; it becomes `path` only if the block succeeds.
+
+  Args:
+    path: the file to write.
+    mode: "w" (text, UTF-8) or "wb".
+
+  Yields:
+    The open temporary file.
+  """
+  path = os.fspath(path)
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  handle, partial = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
+                                     suffix=".partial")
+  try:
+    with os.fdopen(handle, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+      yield f
+    os.replace(partial, path)
+  except BaseException:  # KeyboardInterrupt included: never leave the partial file
+    if os.path.exists(partial):
+      os.remove(partial)
+    raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+  """Writes `text` to `path` atomically."""
+  with atomic_file(path) as f:
+    f.write(text)
+
+
+def write_json(path: str | os.PathLike, value: Any, indent: int = 1, **dump_options) -> None:
+  """Writes `value` as JSON to `path` atomically (ending with a newline)."""
+  write_text(path, json.dumps(value, indent=indent, **dump_options) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+  """The JSON value in `path`."""
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | os.PathLike, replace: bool = False) -> Iterator[str]:
+  """A staging directory beside `directory` that becomes it if the block succeeds.
+
+  Args:
+    directory: the directory to create.
+    replace: remove an existing `directory` first. Without it, a directory
+      that appeared meanwhile (another process wrote the same entry) is kept
+      and the staged copy dropped.
+
+  Yields:
+    The staging directory's path, to write into.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.partial-")
+  try:
+    yield staging
+    if replace and os.path.exists(directory):
+      shutil.rmtree(directory)
+    try:
+      os.rename(staging, directory)
+    except OSError:
+      if replace or not os.path.isdir(directory):
+        raise
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
