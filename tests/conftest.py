@@ -18,7 +18,15 @@ os.environ["XLA_FLAGS"] = with_device_count(os.environ.get("XLA_FLAGS", ""), 8)
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import importlib.util  # pylint: disable=wrong-import-position
 import pathlib  # pylint: disable=wrong-import-position
+
+# torchvision (and its triton) crashes the process when it is imported after
+# TensorFlow, so the references are imported before any test can load TF,
+# whichever test files run and in whatever order.
+if importlib.util.find_spec("torchvision") is not None:
+  import torch  # pylint: disable=wrong-import-position,unused-import
+  import torchvision  # pylint: disable=wrong-import-position,unused-import
 
 import numpy as np  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position

@@ -1,4 +1,4 @@
-"""Staged fine-tuning: stage plans, optimizer-state carry-over, exact resume, prefix caches."""
+"""Staged fine-tuning: stage plans, optimizer-state carry-over, exact resume."""
 
 import json
 import os
@@ -15,7 +15,7 @@ import torchvision  # pylint: disable=unused-import
 
 from test_train import assert_trees_equal, load_config
 from tlflax import build, freeze, models, stages, training
-from tlflax.training import checkpoint, prefix_cache
+from tlflax.training import checkpoint, preemption
 from tlflax.tree import flatten
 
 SMALL = ["--config.batch_size=16", "--config.eval_batch_size=32", "--config.log_every_steps=1",
@@ -214,9 +214,10 @@ def test_staged_run_freezes_per_stage_and_keeps_each_stage(uninterrupted):
 
 def test_preempted_in_stage_two_resumes_bit_identical(uninterrupted, tmp_path, monkeypatch):
   workdir = str(tmp_path / "preempted")
-  monkeypatch.setattr(checkpoint, "preemption_requested", lambda step=None: step == 5)
+  monkeypatch.setattr(preemption, "preemption_requested", lambda step=None: step == 5)
   stopped = training.train_and_evaluate(staged_config(), workdir)
-  assert stopped == {"step": 5, "preempted": True, "start": "scratch", "stage": "fine_tune"}
+  assert stopped == {"step": 5, "preempted": True, "signal": "SIGTERM", "start": "scratch",
+                     "stage": "fine_tune"}
   monkeypatch.undo()
   resumed = training.train_and_evaluate(staged_config(), workdir)
   assert resumed["start"] == "resumed" and resumed["step"] == 6
@@ -245,86 +246,6 @@ def test_changed_stages_refuse_to_resume(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match="stages changed"):
     training.train_and_evaluate(staged_config(stages.lp_ft(2, 4, 0.1, 0.02, unit="steps")),
                              workdir)
-
-
-# ----------------------------------------------------------------------------
-# Frozen-prefix cache
-# ----------------------------------------------------------------------------
-
-def test_prefix_cache_matches_the_uncached_run(tmp_path):
-  def config(enabled):
-    c = load_config("digits.py", *SMALL, "--config.freeze.rules=depth:2",
-                    "--config.num_train_steps=3", "--config.data.augment=none")
-    c.prefix_cache.enabled = enabled
-    c.prefix_cache.directory = str(tmp_path / "cache")
-    return c
-  cached = training.train_and_evaluate(config(True), str(tmp_path / "cached"))
-  plain = training.train_and_evaluate(config(False), str(tmp_path / "plain"))
-  entries = os.listdir(tmp_path / "cache")
-  infos = [json.load(open(tmp_path / "cache" / e / "info.json")) for e in entries]
-  assert sorted((i["stage"], i["split"]) for i in infos) == [("stage2", "eval"),
-                                                            ("stage2", "train")]
-  a = flatten(checkpoint.restore_params_only(str(tmp_path / "cached")))
-  b = flatten(checkpoint.restore_params_only(str(tmp_path / "plain")))
-  for path in b:
-    np.testing.assert_allclose(a[path], b[path], rtol=1e-4, atol=1e-5, err_msg=path)
-  assert cached["eval/accuracy"] == pytest.approx(plain["eval/accuracy"], abs=1 / 180)
-  assert cached["eval/loss"] == pytest.approx(plain["eval/loss"], rel=1e-4)
-
-
-def test_prefix_cache_is_keyed_by_weights_and_reuses_shallower_stages(tmp_path):
-  config = load_config("digits.py", *SMALL, "--config.data.augment=none")
-  from tlflax import data  # pylint: disable=import-outside-toplevel
-  dataset = data.build(config.data, "eval", training=False, global_batch_size=32)
-  model = models.get_model("cifar_resnet20", num_classes=5)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-  directory = str(tmp_path)
-
-  def outputs(variables, stage):
-    return prefix_cache.prefix_outputs("cifar_resnet20", model, variables, dataset, config.data,
-                                       "eval", stage, 32, directory, progress=False)
-
-  stage1, labels, hit = outputs(variables, "stage1")
-  assert not hit and stage1.shape == (dataset.num_examples, 32, 32, 16)
-  np.testing.assert_array_equal(labels, np.concatenate(
-      [b["label"][b["mask"] > 0] for b in dataset.batches()]))
-  assert outputs(variables, "stage1")[2]  # the same request reads the cache
-  # Stage 2 starts from the cached stage 1 and equals a direct computation.
-  stage2, _, hit = outputs(variables, "stage2")
-  assert not hit
-  (entry,) = [e for e in os.listdir(directory)
-              if json.load(open(os.path.join(directory, e, "info.json")))["stage"] == "stage2"]
-  assert json.load(open(os.path.join(directory, entry, "info.json")))["computed_from"] == "stage1"
-  first = next(dataset.batches())
-  direct = models.extract_features(model, variables, first["image"], ["stage2"])["stage2"]
-  rows = int(first["mask"].sum())
-  np.testing.assert_allclose(stage2[:rows], np.asarray(direct)[:rows], rtol=1e-5, atol=1e-5)
-  # Other weights in the prefix: a new key, never the stale entry.
-  changed = jax.tree.map(lambda x: x, variables)
-  changed["params"]["stage1"]["block1"]["conv1"]["kernel"] *= 1.5
-  other, _, hit = outputs(changed, "stage1")
-  assert not hit and not np.allclose(other, stage1)
-  # Weights after the prefix do not matter: the head is not part of stage 1's key.
-  head_changed = jax.tree.map(lambda x: x, variables)
-  head_changed["params"]["head"]["kernel"] += 1.0
-  assert outputs(head_changed, "stage1")[2]
-
-
-def test_frozen_prefix_finds_the_deepest_frozen_stage():
-  model = models.get_model("cifar_resnet20", num_classes=5)
-  params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
-  names = model.stage_names
-
-  def prefix(spec, mode="frozen_layers"):
-    rules = freeze.rules_from_spec(spec, names)
-    return prefix_cache.frozen_prefix(model, freeze.compile_rules(rules, params, mode), params)
-
-  assert prefix("depth:2") == "stage2"
-  assert prefix("linear_probe") == "stage3"
-  assert prefix("depth:0") == "stem"
-  assert prefix("none") is None
-  assert prefix("surgical:stage2") == "stage1"
-  assert prefix("depth:2", mode="none") is None  # frozen layers' statistics would adapt
 
 
 def test_copying_the_first_stages_only(uninterrupted):

@@ -81,13 +81,18 @@ def test_offline_configs_run_one_step(name, tmp_path):
     shared_data("cifar10-resnets")
   small = SMALL if name != "folder.py" else [o for o in SMALL if "model.name" not in o]
   config = load_config(name, *small, "--config.num_train_steps=1")
-  if name == "demo.py":  # a sweep: every point, in order, then one table
+  if name == "demo.py":  # a sweep: pretraining, then one seed of each way, then one table
     module = sweeps.load_sweep_module(os.path.join(REPO, "configs", name))
-    rows = sweeps.run_sweep(config, sweeps.make_points(module.sweep(), config), str(tmp_path),
-                            columns=module.SWEEP_COLUMNS, title=module.SWEEP_TITLE)
-    assert len(rows) == 33 and all(np.isfinite(row.loss) for row in rows)
+    points = sweeps.make_points(module.sweep(), config)
+    assert len(points) == 33  # the whole demo runs in test_demo_conclusion_holds_beyond_its_spread
+    points = [p for p in points if p.name == "pretrain" or p.name.endswith("__seed-1")]
+    rows = sweeps.run_sweep(config, points, str(tmp_path), columns=module.SWEEP_COLUMNS,
+                            title=module.SWEEP_TITLE)
+    assert [row.point for row in rows] == ["pretrain", "scratch__seed-1",
+                                           "frozen_features__seed-1", "fine_tune__seed-1"]
+    assert all(np.isfinite(row.loss) for row in rows)
     assert (tmp_path / "results.md").read_text().count("|") > 20
-    assert (tmp_path / "fine_tune__seed-2" / "metrics.jsonl").exists()
+    assert (tmp_path / "fine_tune__seed-1" / "metrics.jsonl").exists()
   else:
     result = training.train_and_evaluate(config, str(tmp_path))
     assert np.isfinite(result["eval/loss"])
@@ -221,6 +226,7 @@ def test_weights_that_do_not_fit(tmp_path):
     training.train_and_evaluate(config, str(tmp_path / "run"))
 
 
+@pytest.mark.slow  # 5 minutes: run by `pytest -m slow` (and by CI)
 def test_demo_conclusion_holds_beyond_its_spread(tmp_path):
   """The README's demo, as a user runs it: its conclusion, beyond its spread.
 
@@ -256,3 +262,14 @@ def test_demo_conclusion_holds_beyond_its_spread(tmp_path):
                              + scratch.var(ddof=1) / len(scratch))
     gap = pretrained.mean() - scratch.mean()
     assert gap > required * standard_error, (method, gap, standard_error)
+
+
+def test_the_logged_learning_rate_is_the_one_each_update_used(tmp_path):
+  """Step s logs the rate of update s (schedule count s - 1), not of the next one."""
+  config = load_config("digits.py", *SMALL, "--config.num_train_steps=2",
+                       "--config.optimizer.warmup_steps=0", "--config.optimizer.learning_rate=0.05")
+  training.train_and_evaluate(config, str(tmp_path))
+  logged = [line["learning_rate"] for line in metrics.read_metrics(str(tmp_path))
+            if line["split"] == "train"]
+  # Cosine decay over 2 steps: update 1 at the peak, update 2 half way down.
+  assert logged == pytest.approx([0.05, 0.025], rel=1e-6)

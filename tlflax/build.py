@@ -131,6 +131,18 @@ def _transferred(config, model, pretrained) -> tuple[dict[str, Any], list[str]]:
                       if k not in copied] + [HEAD_RULE]
 
 
+def _check_kept_head(config, variables, pretrained) -> None:
+  """`init.keep_head` keeps the pretrained head: it must have the task's shape."""
+  want = flatten(variables).get("params/head/kernel")
+  have = flatten(pretrained).get("params/head/kernel")
+  if want is not None and (have is None or np.shape(have) != np.shape(want)):
+    what = "no head" if have is None else f"a head of {np.shape(have)[-1]} classes"
+    raise weights.WeightsError(
+        f"config.init.keep_head=True keeps the pretrained head, but {config.init.weights} has "
+        f"{what} and this task has {np.shape(want)[-1]}. Set config.init.keep_head=False "
+        "for a new head.")
+
+
 def build(config, num_classes: int | None, image_size: int | None = None,
           read_weights: bool = True) -> Built:
   """The model for a task with `num_classes` and the variables a run starts from.
@@ -151,11 +163,17 @@ def build(config, num_classes: int | None, image_size: int | None = None,
     ('pretrained', ['batch_stats', 'params'])
   """
   model = make_model(config, num_classes=num_classes)
+  if config.init.up_to_stage and config.init.up_to_stage not in model.stage_names:
+    # Checked before any weights are read (or downloaded).
+    raise ValueError(f"init.up_to_stage={config.init.up_to_stage!r} is not a stage of "
+                     f"{config.model.name}; choose one of {list(model.stage_names)}.")
   size = image_size or int(config.data.image_size)
   variables = jax.tree.map(np.asarray, init_variables(model, int(config.seed), (size, size, 3)))
   pretrained = read_pretrained(config) if read_weights else None
   if pretrained is None:
     return Built(model, variables, "scratch")
+  if config.init.keep_head:
+    _check_kept_head(config, variables, pretrained)
   pretrained, fresh = _transferred(config, model, pretrained)
   variables, report = weights.merge_pretrained(variables, pretrained, reinit=fresh)
   log.info("Pretrained weights %s: %s", config.init.weights, report)

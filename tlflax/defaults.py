@@ -47,6 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
       # With a few-shot subset: evaluate on the eval split plus the train
       # examples left out of the subset (every image the run never saw).
       eval_on_unused_train=False,
+      # Image folders: every file's header is checked before training; True
+      # leaves out files that are no images (counted and named) instead of stopping.
+      skip_bad_files=False,
   ))
 
   config.batch_size = 128     # global batch, split over all devices

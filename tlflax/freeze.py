@@ -22,6 +22,7 @@ optimizer (`tlflax.optim`) and the train step (`tlflax.steps`) use.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from typing import Any, Mapping, Sequence, Union
 
@@ -146,16 +147,25 @@ class Freezing:
     return "\n".join(lines)
 
 
-def compile_rules(rules: FreezeRules, params, batchnorm_mode: str = "frozen_layers") -> Freezing:
+def compile_rules(rules: FreezeRules, params, batchnorm_mode: str = "frozen_layers",
+                  require_matches: bool = False,
+                  stage_names: Sequence[str] | None = None) -> Freezing:
   """Matches every parameter against the ordered rules (first match wins).
 
   Args:
     rules: `(regex, rule)` pairs; regexes must match the whole `/`-joined path.
     params: the parameter tree (or its shapes).
     batchnorm_mode: see `Freezing`.
+    require_matches: every rule must be the first match of some parameter; a
+      rule that decides nothing (a typo such as `stage_1/.*`, or a rule after
+      `('.*', ...)`) is an error. The training loop asks this of rules a
+      user wrote.
+    stage_names: the model's stages, to suggest the nearest names for a
+      rule that matches nothing.
 
   Raises:
-    ValueError: a parameter matched by no rule (named), a bad regex or rule.
+    ValueError: a parameter matched by no rule, or (with `require_matches`)
+      a rule that matches none (named), a bad regex or rule.
   """
   if batchnorm_mode not in BATCHNORM_MODES:
     raise ValueError(f"Unknown batchnorm_mode {batchnorm_mode!r}; use one of {BATCHNORM_MODES}.")
@@ -181,8 +191,39 @@ def compile_rules(rules: FreezeRules, params, batchnorm_mode: str = "frozen_laye
         + ", ".join(unmatched[:5])
         + ". Every parameter must be matched; end the list with ('.*', 'trainable') "
           "or ('.*', 'frozen') to say what happens to the rest.")
+  if require_matches:
+    deciding = set(path_rule.values())
+    unused = [index for index in range(len(rules)) if index not in deciding]
+    if unused:
+      raise ValueError(_unused_rules_message(rules, unused, compiled, flat, stage_names))
   shapes = {p: tuple(np.shape(v)) for p, v in flat.items()}
   return Freezing(rules, path_rule, path_multiplier, shapes, batchnorm_mode)
+
+
+def _unused_rules_message(rules, unused, compiled, flat, stage_names) -> str:
+  """Names each rule that decides no parameter, and why."""
+  parts = []
+  top_level = list(dict.fromkeys([*(stage_names or ()), *(p.split("/")[0] for p in flat)]))
+  for index in unused:
+    pattern = rules[index][0]
+    matches = [p for p in flat if compiled[index][0].fullmatch(p)]
+    if matches:
+      earlier = rules[path_rule_index(compiled, matches[0])][0]
+      parts.append(f"rule {index} ({pattern!r}, {rules[index][1]!r}) comes after {earlier!r}, "
+                   "which already matches everything it would")
+      continue
+    head = re.split(r"[^A-Za-z0-9_]", pattern.lstrip("(^"), maxsplit=1)[0]
+    close = difflib.get_close_matches(head, top_level, n=3, cutoff=0.5) if head else []
+    hint = f" (the nearest names: {', '.join(close)})" if close else ""
+    parts.append(f"rule {index} ({pattern!r}, {rules[index][1]!r}) matches no parameter{hint}")
+  return ("Freeze rules that decide nothing: " + "; ".join(parts) + ". Parameter paths look "
+          f"like {next(iter(flat), '')!r}; the model's top-level names are "
+          f"{', '.join(top_level)}. Fix or remove these rules.")
+
+
+def path_rule_index(compiled, path: str) -> int:
+  """The index of the first compiled rule that matches `path`."""
+  return next(i for i, (regex, _) in enumerate(compiled) if regex.fullmatch(path))
 
 
 # ----------------------------------------------------------------------------
@@ -266,6 +307,13 @@ def discriminative(groups: Mapping[str, float], default: RuleValue = "trainable"
   return rules + [(".*", default)]
 
 
+def _number(text: str, example: str) -> float:
+  try:
+    return float(text)
+  except ValueError as e:
+    raise ValueError(f"{text!r} is not a number (e.g. {example!r})") from e
+
+
 def rules_from_spec(spec: str | FreezeRules, stage_names: Sequence[str]):
   """Rule lists from short config strings.
 
@@ -282,15 +330,18 @@ def rules_from_spec(spec: str | FreezeRules, stage_names: Sequence[str]):
     if name == "linear_probe":
       return linear_probe()
     if name == "depth":
+      if not argument.strip().isdigit():
+        raise ValueError(f"the depth must be a whole number of stages, e.g. 'depth:2' "
+                         f"(0..{len(_body_stages(stage_names))} for this model)")
       return freeze_depth(stage_names, int(argument))
     if name == "surgical":
       return surgical(stage_names, argument)
     if name == "batchnorm":
       return batchnorm_only()
     if name == "lld":
-      return layerwise_lr_decay(stage_names, float(argument))
+      return layerwise_lr_decay(stage_names, _number(argument, "lld:0.7"))
     if name == "backbone_lr":
-      return backbone_multiplier(float(argument))
+      return backbone_multiplier(_number(argument, "backbone_lr:0.1"))
   except ValueError as e:
     raise ValueError(f"Freeze spec {spec!r}: {e}") from e
   raise ValueError(f"Unknown freeze spec {spec!r}. Use 'none', 'linear_probe', 'depth:K', "

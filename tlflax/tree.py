@@ -31,8 +31,10 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
   return flax.traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
-def flatten_dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  """A nested dict (e.g. `config.to_dict()`) as `{"dotted.key": value}`."""
+def flatten_dotted(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """A nested dict or ConfigDict as `{"dotted.key": value}`."""
+  if hasattr(tree, "to_dict"):  # a ConfigDict is no Mapping
+    tree = tree.to_dict()
   flat = {}
   for key, value in tree.items():
     if isinstance(value, Mapping):

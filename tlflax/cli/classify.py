@@ -16,12 +16,13 @@ from tlflax.cli import app
 
 PROGRAM = "tlflax.cli.classify"
 FLAGS = app.new_flags()
-_WEIGHTS = flags.DEFINE_string("weights", None, "tlflax checkpoint directory, pretrained id, "
-                               "or weight file.", flag_values=FLAGS)
+_WEIGHTS = flags.DEFINE_string("weights", None, "A training run's workdir, a tlflax checkpoint "
+                               "directory, a pretrained id, or a weight file.", flag_values=FLAGS)
 _MODEL = flags.DEFINE_string("model", None, "tlflax model name (optional for a checkpoint or "
                              "id).", flag_values=FLAGS)
-_SOURCE = flags.DEFINE_enum("source", None, ["torchvision", "timm", "keras", "tlflax"],
-                            "Framework of a weight file.", flag_values=FLAGS)
+_SOURCE = flags.DEFINE_enum("source", None, ["torchvision", "timm", "keras", "tlflax", "workdir"],
+                            "Framework of a weight file (workdir: a training run).",
+                            flag_values=FLAGS)
 _TOP_K = flags.DEFINE_integer("top_k", 5, "Guesses per image.", lower_bound=1,
                               flag_values=FLAGS)
 _CLASS_NAMES = flags.DEFINE_string("class_names", None, "File with one class name per line.",

@@ -31,24 +31,28 @@ from tlflax.sweeps import results, runner
 from tlflax.sweeps.results import DEFAULT_X, SweepError
 
 PROGRAM = "tlflax.main"
-FLAGS = app.new_flags()
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "A get_config() file in configs/ (with sweep(): a sweep).",
-    flag_values=FLAGS, lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics (a "
-                               "sweep: one sub-directory per point).", flag_values=FLAGS)
-_LIST = flags.DEFINE_bool("list", False, "Sweep: print one command per point (--point N) "
-                          "instead of running.", flag_values=FLAGS)
-_POINT = flags.DEFINE_integer("point", None, "Sweep: run only this point (0-based), e.g. "
-                              "$SLURM_ARRAY_TASK_ID.", flag_values=FLAGS)
-_COLLECT = flags.DEFINE_bool("collect", False, "Sweep: only write results.csv, results.md and "
-                             "the plot from the points finished so far.", flag_values=FLAGS)
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Sweep: redefine the sweep in a workdir that "
-                               "holds a different one; finished points are kept.",
-                               flag_values=FLAGS)
-_X = flags.DEFINE_string("x", None, "Sweep: the setting on the plot's x-axis (default: the "
-                         f"config's SWEEP_X, else {DEFAULT_X}).", flag_values=FLAGS)
-flags.mark_flag_as_required("workdir", flag_values=FLAGS)
+
+
+def define_flags(argv: Sequence[str]) -> flags.FlagValues:
+  """The command's flags; `argv` names the `--config.KEY` overrides to define."""
+  flag_values = app.new_flags()
+  config_flags.DEFINE_config_file(
+      "config", None, "A get_config() file in configs/ (with sweep(): a sweep).",
+      flag_values=flag_values, lock_config=True, sys_argv=[PROGRAM, *argv])
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics (a sweep: one "
+                      "sub-directory per point).", flag_values=flag_values)
+  flags.DEFINE_bool("list", False, "Sweep: print one command per point (--point N) instead of "
+                    "running.", flag_values=flag_values)
+  flags.DEFINE_integer("point", None, "Sweep: run only this point (0-based), e.g. "
+                       "$SLURM_ARRAY_TASK_ID.", flag_values=flag_values)
+  flags.DEFINE_bool("collect", False, "Sweep: only write results.csv, results.md and the plot "
+                    "from the points finished so far.", flag_values=flag_values)
+  flags.DEFINE_bool("overwrite", False, "Sweep: redefine the sweep in a workdir that holds a "
+                    "different one; finished points are kept.", flag_values=flag_values)
+  flags.DEFINE_string("x", None, "Sweep: the setting on the plot's x-axis (default: the "
+                      f"config's SWEEP_X, else {DEFAULT_X}).", flag_values=flag_values)
+  flags.mark_flag_as_required("workdir", flag_values=flag_values)
+  return flag_values
 
 
 def config_overrides_from_argv(argv: Sequence[str]) -> list[str]:
@@ -76,65 +80,86 @@ def _print_reports(workdir: str) -> None:
   print(f"Written: {workdir}/results.csv, results.md and the plot.")
 
 
-def _train_one(workdir: str) -> int:
-  if _LIST.value or _POINT.value is not None or _COLLECT.value or _X.value:
+def _train_one(values, workdir: str) -> int:
+  if values.list or values.point is not None or values.collect or values.x:
     raise SweepError("--list, --point, --collect and --x are for sweeps; this config has no "
                      "sweep() function, so it is one run.")
   from tlflax import training  # pylint: disable=import-outside-toplevel
-  result = training.train_and_evaluate(_CONFIG.value, workdir)
+  result = training.train_and_evaluate(values.config, workdir)
   print(json.dumps(result, indent=1, default=str))
+  if result.get("preempted"):
+    return _stopped(result.get("signal"), f"step {result['step']}")
   return app.OK
 
 
-def _sweep(module, config_file: str, workdir: str, argv: Sequence[str]) -> int:
-  if _LIST.value and _POINT.value is not None:
+def _stopped(signal_name: str | None, where: str) -> int:
+  """Reports a run stopped by a signal after saving; returns its exit status."""
+  from tlflax.training import preemption  # pylint: disable=import-outside-toplevel
+  status = preemption.exit_status(signal_name)
+  print(f"{PROGRAM}: stopped by {signal_name or 'SIGTERM'} at {where}, after saving a "
+        f"checkpoint; run the same command again to resume (exit status {status}).",
+        file=sys.stderr)
+  return status
+
+
+def _sweep(values, module, config_file: str, workdir: str, argv: Sequence[str]) -> int:
+  if values.list and values.point is not None:
     raise SweepError("Use --list or --point, not both.")
-  if _COLLECT.value and (_LIST.value or _POINT.value is not None):
+  if values.collect and (values.list or values.point is not None):
     raise SweepError("--collect only reads finished points: use it without --list and --point.")
-  config = _CONFIG.value
-  x_key = _X.value or getattr(module, "SWEEP_X", DEFAULT_X)
+  config = values.config
+  x_key = values.x or getattr(module, "SWEEP_X", DEFAULT_X)
   reporting = dict(columns=getattr(module, "SWEEP_COLUMNS", None),
                    title=getattr(module, "SWEEP_TITLE", ""))
   points = points_lib.make_points(module.sweep(), config)
-  if _COLLECT.value:
-    results.write_reports(workdir, _X.value)
+  if values.collect:
+    results.write_reports(workdir, values.x)
     _print_reports(workdir)
-  elif _LIST.value:
-    runner.prepare(config, points, workdir, x_key, _OVERWRITE.value, **reporting)
+  elif values.list:
+    runner.prepare(config, points, workdir, x_key, values.overwrite, **reporting)
     print("\n".join(runner.point_commands(config_file, workdir, len(points),
-                                          config_overrides_from_argv(argv), _X.value)))
-  elif _POINT.value is not None:
-    point = runner.select_point(points, _POINT.value)
-    runner.prepare(config, points, workdir, x_key, _OVERWRITE.value, **reporting)
-    runner.check_start_weights(config, [point], workdir)
-    if runner.run_point(config, point, workdir) is not None:
-      print(f"Point {point.index} ({point.name}) finished. When every point has, run the "
-            "same command with --collect instead of --point.")
-  elif runner.run_sweep(config, points, workdir, x_key, _OVERWRITE.value,
-                        **reporting) is not None:
+                                          config_overrides_from_argv(argv), values.x)))
+  elif values.point is not None:
+    point = runner.select_point(points, values.point)
+    runner.prepare(config, points, workdir, x_key, values.overwrite, **reporting)
+    runner.check_start_weights(config, [point], workdir, points)
+    if runner.run_point(config, point, workdir) is None:
+      return _stopped(_signal(), f"point {point.name}")
+    print(f"Point {point.index} ({point.name}) finished. When every point has, run the "
+          "same command with --collect instead of --point.")
+  elif runner.run_sweep(config, points, workdir, x_key, values.overwrite,
+                        **reporting) is None:
+    return _stopped(_signal(), "an unfinished point")
+  else:
     _print_reports(workdir)
   return app.OK
+
+
+def _signal() -> str | None:
+  from tlflax.training import preemption  # pylint: disable=import-outside-toplevel
+  return preemption.received_signal()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the command line (see the module docstring); returns the exit status."""
   argv = list(sys.argv[1:] if argv is None else argv)
+  values = define_flags(argv)
 
   def body(_) -> int:
-    workdir = os.path.abspath(_WORKDIR.value)
-    if _COLLECT.value and _CONFIG.value is None:  # reports need no config
-      results.write_reports(workdir, _X.value)
+    workdir = os.path.abspath(values.workdir)
+    if values.collect and values.config is None:  # reports need no config
+      results.write_reports(workdir, values.x)
       _print_reports(workdir)
       return app.OK
-    if _CONFIG.value is None:
+    if values.config is None:
       raise SweepError("--config is required (except with --collect).")
-    config_file = FLAGS["config"].config_filename  # with its ":ARG", if any
+    config_file = values["config"].config_filename  # with its ":ARG", if any
     module = points_lib.load_config_module(config_file)
     if callable(getattr(module, "sweep", None)):
-      return _sweep(module, config_file, workdir, argv)
-    return _train_one(workdir)
+      return _sweep(values, module, config_file, workdir, argv)
+    return _train_one(values, workdir)
 
-  return app.run(PROGRAM, FLAGS, body, argv)
+  return app.run(PROGRAM, values, body, argv)
 
 
 if __name__ == "__main__":

@@ -124,9 +124,40 @@ def read_rgb(path: str | os.PathLike, background: tuple[int, int, int] = (255, 2
     >>> read_rgb("scan.png").shape
     (480, 640, 3)
   """
-  with Image.open(path) as image:
-    image = ImageOps.exif_transpose(image)
-    return _to_rgb(image, background)
+  try:
+    with Image.open(path) as image:
+      image = ImageOps.exif_transpose(image)
+      return _to_rgb(image, background)
+  except Image.DecompressionBombError as e:
+    raise ImageError(f"{_name(path)} is too large to decode safely ({e}). PIL refuses images "
+                     "this big as a guard against decompression bombs; downscale it first.") from e
+  except (OSError, ValueError, SyntaxError) as e:
+    # UnidentifiedImageError (not an image), truncated data, broken headers.
+    raise ImageError(f"Cannot read {_name(path)} as an image: {e}") from e
+
+
+class ImageError(OSError):
+  """An image file that cannot be read (not an image, truncated, too large), named."""
+
+
+def _name(path) -> str:
+  return os.fspath(path) if isinstance(path, (str, os.PathLike)) else "an encoded image"
+
+
+def check_header(path: str | os.PathLike) -> str | None:
+  """Why `path` cannot be an image (its header does not parse), or None when it looks fine.
+
+  Reads only the header, so it is cheap; a file truncated in its pixel data
+  passes, and fails with its name when decoded.
+  """
+  try:
+    with Image.open(path) as image:
+      image.size  # pylint: disable=pointless-statement
+  except Image.DecompressionBombError as e:
+    return f"too large to decode safely ({e})"
+  except (OSError, ValueError, SyntaxError) as e:
+    return str(e) or type(e).__name__
+  return None
 
 
 def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> np.ndarray:

@@ -240,7 +240,8 @@ def load_source(data_config, split: str) -> sources.ExampleSource:
     if not data_config.path:
       raise ValueError("config.data.path must be the image folder for source='folder'.")
     return sources.folder_source(data_config.path, split_name,
-                                 class_split=data_config.train_split)
+                                 class_split=data_config.train_split,
+                                 skip_bad_files=data_config.get("skip_bad_files", False))
   raise ValueError(f"Unknown config.data.source {kind!r}; use one of {SOURCES}.")
 
 

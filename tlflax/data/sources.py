@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import os
 import re
 from typing import Any, Sequence
@@ -294,7 +295,8 @@ def _feature_keys(info) -> tuple[str, str]:
 # ---------------------------------------------------------------- image folders
 
 
-def folder_source(root: str, split: str, class_split: str = "") -> EncodedSource:
+def folder_source(root: str, split: str, class_split: str = "",
+                  skip_bad_files: bool = False) -> EncodedSource:
   """One split of an image folder `root/<split>/<class>/<image file>`.
 
   Args:
@@ -305,28 +307,50 @@ def folder_source(root: str, split: str, class_split: str = "") -> EncodedSource
       random share of the files (the same in every run).
     class_split: the split whose sub-folders define the classes (normally
       the training split), so every split numbers classes alike; "" = `split`.
+    skip_bad_files: leave out files whose header is not an image's (with a
+      warning that counts and names them) instead of refusing the folder.
 
   Returns:
     An `EncodedSource` of the image files; class names are the sorted
     sub-folder names.
+
+  Raises:
+    FileNotFoundError: a missing root or split folder, or no images.
+    ValueError: a class folder without images, a split whose classes differ
+      from `class_split`'s, or files that are no images (each named).
   """
   folder_name, start, end = parse_split(split)
   class_names = _class_folders(root, parse_split(class_split or split)[0])
   split_dir = os.path.join(root, folder_name)
-  extra = sorted(set(_class_folders(root, folder_name)) - set(class_names))
-  if extra:
-    raise ValueError(f"{split_dir} has classes that {class_split!r} lacks: {extra}.")
-  paths, labels = [], []
+  own_classes = _class_folders(root, folder_name)
+  if own_classes != class_names:
+    # A head trained on other classes than it is tested on would say nothing.
+    extra = sorted(set(own_classes) - set(class_names))
+    missing = sorted(set(class_names) - set(own_classes))
+    raise ValueError(
+        f"The class folders of {split_dir} differ from those of "
+        f"{os.path.join(root, parse_split(class_split or split)[0])}: "
+        + "; ".join(part for part in (f"only in {split_dir}: {', '.join(extra)}" if extra else "",
+                                      f"missing from {split_dir}: {', '.join(missing)}"
+                                      if missing else "") if part)
+        + ". Every split needs the same class sub-folders.")
+  paths, labels, empty = [], [], []
   for label, class_name in enumerate(class_names):
     class_dir = os.path.join(split_dir, class_name)
-    if not os.path.isdir(class_dir):
-      continue  # a split may lack a class the training split has
-    for file_name in sorted(os.listdir(class_dir)):
-      if not file_name.startswith(".") and file_name.lower().endswith(IMAGE_EXTENSIONS):
-        paths.append(os.path.join(class_dir, file_name))
-        labels.append(label)
+    found = [name for name in sorted(os.listdir(class_dir))
+             if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)]
+    if not found:
+      empty.append(class_dir)
+    paths += [os.path.join(class_dir, name) for name in found]
+    labels += [label] * len(found)
   if not paths:
     raise FileNotFoundError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) under {split_dir}.")
+  if empty:
+    raise ValueError(f"{len(empty)} class folder{'s hold' if len(empty) > 1 else ' holds'} "
+                     "no image files "
+                     f"({', '.join(IMAGE_EXTENSIONS)}): {', '.join(empty)}. Add images or "
+                     "remove the folder (from every split).")
+  paths, labels = _check_images(paths, labels, skip_bad_files)
   order = np.arange(len(paths))
   if (start, end) != (None, None):
     order = np.random.default_rng(_FOLDER_SLICE_SEED).permutation(len(paths))
@@ -336,8 +360,32 @@ def folder_source(root: str, split: str, class_split: str = "") -> EncodedSource
                        tuple(class_names))
 
 
+def _check_images(paths: list[str], labels: list[int], skip_bad_files: bool
+                  ) -> tuple[list[str], list[int]]:
+  """Opens every file's header before training, so a bad file is named at once."""
+  import concurrent.futures  # pylint: disable=import-outside-toplevel
+  with concurrent.futures.ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
+    problems = list(pool.map(image_files.check_header, paths))
+  bad = [(path, why) for path, why in zip(paths, problems) if why]
+  if not bad:
+    return paths, labels
+  listed = "; ".join(f"{path}: {why}" for path, why in bad[:5]) + (" ..." if len(bad) > 5 else "")
+  if not skip_bad_files:
+    raise ValueError(f"{len(bad)} of {len(paths)} files are not readable images: {listed}. "
+                     "Remove or replace them, or set config.data.skip_bad_files=True to "
+                     "train without them.")
+  logging.getLogger(__name__).warning("Skipping %d of %d files that are not readable images: %s",
+                                      len(bad), len(paths), listed)
+  keep = [i for i, why in enumerate(problems) if not why]
+  return [paths[i] for i in keep], [labels[i] for i in keep]
+
+
 def _class_folders(root: str, folder_name: str) -> list[str]:
   split_dir = os.path.join(root, folder_name)
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"The image folder {os.path.normpath(root)} does not exist: set "
+                            "--config.data.path "
+                            "to a folder with one sub-folder per split (or per class).")
   if not os.path.isdir(split_dir):
     available = (sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
                  if os.path.isdir(root) else "none: the root does not exist")

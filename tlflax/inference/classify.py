@@ -23,6 +23,7 @@ import numpy as np
 from tlflax import models, weights
 from tlflax.data import images
 from tlflax.tree import flatten
+from tlflax.training import workdir as workdir_lib
 from tlflax.weights import native, registry
 from tlflax.weights.merge import WeightsError
 
@@ -106,9 +107,11 @@ def load_classifier(weights_arg: str, model_name: str | None = None,
   """Loads weights with the preprocessing and class names that belong to them.
 
   Args:
-    weights_arg: a tlflax checkpoint directory, a pretrained id, or a file.
-    model_name: the model; optional for a checkpoint or an id.
-    source: the file's framework (only needed for a plain file).
+    weights_arg: a training run's workdir, a tlflax checkpoint directory, a
+      pretrained id, or a file.
+    model_name: the model; optional for a workdir, a checkpoint or an id.
+    source: the file's framework (only needed for a plain file); "workdir"
+      insists on a training run.
 
   Returns:
     A `Classifier`; `class_names` is None when no list is known.
@@ -118,7 +121,21 @@ def load_classifier(weights_arg: str, model_name: str | None = None,
     >>> classifier.preprocessing.crop_size
     224
   """
-  if os.path.isdir(weights_arg) and source in (None, "tlflax"):
+  if source in (None, "workdir") and workdir_lib.is_training_workdir(weights_arg):
+    # A training run: its final weights, with its own eval preprocessing and classes.
+    config = workdir_lib.read_config(weights_arg)
+    model_name = model_name or config["model"]["name"]
+    from tlflax.training import checkpoint  # pylint: disable=import-outside-toplevel
+    variables = checkpoint.restore_params_only(weights_arg)
+    data_config = config["data"]
+    size = int(data_config["image_size"])
+    preprocessing = images.Preprocessing(crop_size=size,
+                                         resize_size=int(data_config["resize_size"]) or size,
+                                         mean=tuple(data_config["mean"]),
+                                         std=tuple(data_config["std"]))
+    names = workdir_lib.read_class_names(weights_arg)
+    description = f"the final weights of the training run {weights_arg}"
+  elif os.path.isdir(weights_arg) and source in (None, "tlflax"):
     provenance = native.read_provenance(weights_arg)
     model_name = model_name or provenance["model_name"]
     variables = weights.load(model_name, weights_arg, source="tlflax")

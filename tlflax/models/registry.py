@@ -7,6 +7,7 @@ package. Whatever is registered must build a `base.Backbone`.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -98,5 +99,9 @@ def get_model(name: str, num_classes: Any = _DEFAULT, dtype: Any = "float32",
       raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}.")
     dtype = _DTYPES[dtype]
   if num_classes is not _DEFAULT:
-    options["num_classes"] = num_classes
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(
+        num_classes, numbers.Integral) or num_classes < 1):
+      raise ValueError(f"num_classes={num_classes!r}: a head needs at least one class (an "
+                       "int >= 1); use num_classes=None for a network without a head.")
+    options["num_classes"] = None if num_classes is None else int(num_classes)
   return _MODELS[name](dtype=dtype, **options)

@@ -284,7 +284,8 @@ def plot_series(rows: Sequence[Row], x_key: str) -> list[Series]:
     for row in members:
       by_x.setdefault(x_value(x_key, row.settings.get(x_key)), []).append(100 * row.accuracy)
     settings = members[0].settings
-    label = ", ".join(f"{k}={display_value(k, settings.get(k))}" for k in varying)
+    label = members[0].group or ", ".join(
+        f"{k}={display_value(k, settings.get(k))}" for k in varying if k != GROUP_KEY)
     series.append(Series(label or "all points", list(by_x), list(by_x.values())))
   return series
 

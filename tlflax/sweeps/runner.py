@@ -101,22 +101,41 @@ def _describe_difference(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def check_start_weights(config: ml_collections.ConfigDict, points: Sequence[Point],
-                        workdir: str) -> None:
-  """Fails before any training when a point starts from a workdir that is not there."""
-  names = {p.name for p in points}
-  for point in points:
+                        workdir: str, all_points: Sequence[Point] | None = None) -> None:
+  """Fails before any training when a point starts from weights that are not there yet.
+
+  Args:
+    config: the base config.
+    points: the points about to run, in order.
+    workdir: the sweep's directory.
+    all_points: every point of the sweep. A point may start from an earlier
+      point of `points` (it runs first); one that starts from a point outside
+      `points` (e.g. `--point N` of a cluster array) needs that point finished
+      (its result.json), not merely started.
+  """
+  running = [p.name for p in points]
+  names = {p.name for p in (all_points or points)}
+  for index, point in enumerate(points):
     if os.path.exists(os.path.join(workdir, point.name, RESULT_FILE)):
       continue
     run = point_config(config, point, workdir)
     path = run.init.weights
-    if run.init.source != "workdir" or not path or os.path.exists(path):
+    if run.init.source != "workdir" or not path:
       continue
-    if os.path.dirname(os.path.abspath(path)) == workdir and os.path.basename(path) in names:
-      continue  # an earlier point of this sweep
-    raise SweepError(f"Point {point.name!r} starts from the workdir {path!r} (init.source="
-                     f"'workdir'), which does not exist (relative to {os.getcwd()}). Train "
-                     "that run first (the sweep config's docstring says how) or set "
-                     "--config.init.weights to where it is.")
+    source = os.path.basename(path)
+    if os.path.dirname(os.path.abspath(path)) == workdir and source in names:
+      if source in running[:index]:
+        continue  # an earlier point of this run trains it first
+      if not os.path.exists(os.path.join(workdir, source, RESULT_FILE)):
+        raise SweepError(f"Point {point.name!r} starts from point {source!r}, which has not "
+                         f"finished (no {os.path.join(workdir, source, RESULT_FILE)}). Run "
+                         "that point first (--point of its index; --list prints them).")
+      continue
+    if not os.path.exists(path):
+      raise SweepError(f"Point {point.name!r} starts from the workdir {path!r} (init.source="
+                       f"'workdir'), which does not exist (relative to {os.getcwd()}). Train "
+                       "that run first (the sweep config's docstring says how) or set "
+                       "--config.init.weights to where it is.")
 
 
 def run_point(config: ml_collections.ConfigDict, point: Point, workdir: str) -> dict | None:

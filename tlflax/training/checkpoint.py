@@ -325,6 +325,18 @@ def restore_params_only(path: str | os.PathLike, step: int | None = None) -> dic
   return {name: restored.get(name) or {} for name in wanted}
 
 
+def latest_step_on_disk(workdir: str | os.PathLike) -> int | None:
+  """The newest complete checkpoint's step in `WORKDIR/checkpoints`, without creating anything.
+
+  Lets a run decide whether it resumes before it writes a single file.
+  """
+  root = os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINT_DIR)
+  if not os.path.isdir(root):
+    return None
+  steps = [m.step for m in ocp.path.step.standard_name_format().find_all(root)]
+  return max(steps) if steps else None
+
+
 def _find_step_dir(path: str, step: int | None) -> str:
   if not os.path.isdir(path):
     what = "does not exist" if not os.path.exists(path) else "is a file"

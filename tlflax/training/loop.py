@@ -15,6 +15,7 @@ computes exactly what the uninterrupted run would have.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 from tlflax import build, data, freeze, optim, sharding, steps
 from tlflax import stages as stages_lib
 from tlflax.training import checkpoint, metrics, preemption, prefix_cache
+from tlflax.training import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -79,26 +81,45 @@ def build_datasets(config):
   return train_data, eval_data
 
 
-def setup(config, workdir: str, ckpt: checkpoint.Checkpointer) -> Setup:
-  """Data, model, the stage plan and the starting variables (steps 2-3 above)."""
+def setup(config, resume: bool) -> Setup:
+  """Data, model, the stage plan and the starting variables (steps 2-3 above).
+
+  Everything that can be checked before training is checked here, before
+  the run writes anything into its workdir: the batch sizes, the data, the
+  model and its weights, and every stage's freeze rules and optimizer.
+  """
+  for key in ("batch_size", "eval_batch_size"):
+    if int(config[key]) < 1:
+      raise ValueError(f"{key}={config[key]}: use a positive number of images per batch.")
   sharding.check_batch_size(config.batch_size)
   sharding.check_batch_size(config.eval_batch_size, "eval_batch_size")
   train_data, eval_data = build_datasets(config)
-  resume = ckpt.latest_step() is not None
   # A resumed run restores its own state: pretrained weights are not read.
   built = build.build(config, train_data.num_classes, read_weights=not resume)
   plan = stages_lib.plan(config, train_data.steps_per_epoch,
                          total_train_steps(config, train_data.steps_per_epoch))
+  for stage in plan:
+    stages_lib.make_stage_optimizer(
+        stage, compile_freezing(config, stage, built.model, built.variables["params"]))
   return Setup(built.model, train_data, eval_data, plan, built.variables,
                "resumed" if resume else built.start)
 
 
 def compile_freezing(config, stage: stages_lib.Stage, model, params) -> freeze.Freezing:
+  """The stage's freeze spec compiled against the model's parameters.
+
+  Rules a user wrote (a list of `(regex, rule)`) must each match a parameter;
+  the rule lists a spec string makes are exempt (e.g. "batchnorm" on a VGG
+  without BatchNorm).
+  """
   try:
     rules = freeze.rules_from_spec(stage.freeze, model.stage_names)
+    return freeze.compile_rules(rules, params, batchnorm_mode=config.freeze.batchnorm_mode,
+                                require_matches=not isinstance(stage.freeze, str),
+                                stage_names=model.stage_names)
   except ValueError as e:
-    raise ValueError(f"Stage {stage.name!r}: {e}") from e
-  return freeze.compile_rules(rules, params, batchnorm_mode=config.freeze.batchnorm_mode)
+    where = f"Stage {stage.name!r}" if stage.name != "train" else "config.freeze.rules"
+    raise ValueError(f"{where}: {e}") from e
 
 
 def build_stage(config, run: Setup, stage: stages_lib.Stage, variables, mesh) -> StageRun:
@@ -212,97 +233,143 @@ def evaluate(eval_step, state, eval_data, mesh) -> dict[str, float]:
   return {"loss": totals["loss_sum"] / count, "accuracy": totals["correct"] / count}
 
 
+def non_finite_error(what: str, step: int, ckpt: checkpoint.Checkpointer) -> NonFiniteLossError:
+  """The error of a run whose loss or state became NaN or infinite, with how to go on."""
+  good = ckpt.latest_step()
+  if good is None:
+    how = ("No checkpoint was saved before it, so the next run starts afresh: run the same "
+           "command again with a lower learning rate (--config.optimizer.learning_rate, or "
+           "the stages' learning_rate in config.stages), or check the data.")
+  else:
+    loss = (ckpt.metrics(good) or {}).get("eval/loss")
+    evaluated = f", eval loss {loss:.4g}" if loss is not None else ""
+    how = (f"The last good checkpoint, step {good}{evaluated}, stays in {ckpt.directory}: "
+           "run the same command again with a lower learning rate "
+           "(--config.optimizer.learning_rate, or the stages' learning_rate in "
+           f"config.stages) and it resumes from step {good} with the new settings.")
+  return NonFiniteLossError(f"{what} at step {step}; stopping without saving it. {how}")
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains and evaluates one run; returns its final evaluation metrics.
 
   Args:
     config: a config from `configs/` (see `tlflax.defaults.base_config`).
     workdir: where checkpoints, `metrics.jsonl` and TensorBoard files go; a
-      workdir with a checkpoint is resumed.
+      workdir with a checkpoint is resumed. It belongs to one run at a time
+      (`tlflax.training.workdir.lock`).
 
   Returns:
-    `{"eval/accuracy": ..., "eval/loss": ..., "step": ..., "start": ...}`.
+    `{"eval/accuracy": ..., "eval/loss": ..., "step": ..., "start": ...}`;
+    a run stopped by SIGTERM or SIGINT (after saving) returns
+    `{"step": ..., "preempted": True, "signal": "SIGTERM" | "SIGINT", ...}`.
     Many runs (a sweep, a study, an ablation) are `tlflax.sweeps`.
+
+  Raises:
+    NonFiniteLossError: the loss, the state or the evaluation became NaN or
+      infinite (the bad state is not saved; the message says how to go on).
+    ValueError, OSError, CheckpointError, WeightsError: a config, data,
+      weights or workdir that cannot be used; raised before anything is
+      written into the workdir where it can be checked that early.
   """
   workdir = os.path.abspath(workdir)  # orbax wants absolute paths
   sharding.initialize_distributed(config.distributed)
-  os.makedirs(workdir, exist_ok=True)
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints,
-                                 best_metric=config.best_metric, config=config)
-  preemption.install_preemption_handler()
-  run = setup(config, workdir, ckpt)
+  workdir_lib.usable_workdir(workdir)
+  # Checked and built before anything is written: a refused start leaves no trace.
+  run = setup(config, resume=checkpoint.latest_step_on_disk(workdir) is not None)
   mesh = sharding.make_mesh()
-  current, state = initial_state(config, run, ckpt, mesh)
+  with contextlib.ExitStack() as cleanup:
+    cleanup.enter_context(workdir_lib.lock(workdir))
+    ckpt = cleanup.enter_context(checkpoint.Checkpointer(
+        workdir, keep=config.keep_checkpoints, best_metric=config.best_metric))
+    current, state = initial_state(config, run, ckpt, mesh)
+    if jax.process_index() == 0:  # on record once the start is known to work
+      workdir_lib.write_config(workdir, config, resumed_at=ckpt.latest_step())
+      workdir_lib.write_class_names(workdir, run.train_data.class_names)
+    if preemption.install_preemption_handler():
+      cleanup.callback(preemption.uninstall_preemption_handler)
+    writer = metrics.MetricsWriter(workdir)
+    cleanup.callback(writer.close)
+    progress = metrics.Progress(run.total_steps, int(state.step), config.batch_size)
+    cleanup.callback(progress.close)
+    return _train(config, workdir, run, current, state, ckpt, writer, progress, mesh)
 
+
+def _train(config, workdir: str, run: Setup, current: StageRun, state, ckpt, writer, progress,
+           mesh) -> dict[str, Any]:
+  """The loop over steps and stages, from `state` to the end (or a preemption)."""
   per_epoch = run.train_data.steps_per_epoch
   eval_every = config.eval_every_steps or per_epoch
   save_every = config.checkpoint_every_steps or per_epoch
-  writer = metrics.MetricsWriter(workdir)
-  progress = metrics.Progress(run.total_steps, int(state.step), config.batch_size)
   step = int(state.step)
   final, stage_results = {}, {}
   last_saved = step if run.start == "resumed" else None
 
-  try:
-    while step < run.total_steps:
-      if stages_lib.stage_of_next_step(run.stages, step).index != current.stage.index:
-        current, state = next_stage(config, run, current, state, mesh)
-      stage = current.stage
-      learning_rate = optim.schedule_fn(stage.optimizer, stage.num_steps)
-      while step < stage.end:
-        epoch, first_batch = divmod(step, per_epoch)
-        for batch in current.train_data.batches(epoch=epoch, start_batch=first_batch):
-          batch = sharding.to_global(batch, mesh)
-          new_state, step_metrics = current.train_step(state, batch)
-          loss = float(step_metrics["loss"])
-          if not math.isfinite(loss) or not bool(step_metrics["state_finite"]):
-            # The last good checkpoint stays; the bad state is never saved.
-            what = f"Loss became {loss}" if not math.isfinite(loss) else (
-                "The update made parameters or BatchNorm statistics non-finite")
-            raise NonFiniteLossError(
-                f"{what} at step {step + 1}; stopping. The last good checkpoint "
-                f"(step {ckpt.latest_step()}) is kept in {workdir}. Lower the learning "
-                "rate or check the data.")
-          state, step = new_state, step + 1
-          stage_done = step == stage.end
+  while step < run.total_steps:
+    if stages_lib.stage_of_next_step(run.stages, step).index != current.stage.index:
+      current, state = next_stage(config, run, current, state, mesh)
+    stage = current.stage
+    learning_rate = optim.schedule_fn(stage.optimizer, stage.num_steps)
+    while step < stage.end:
+      epoch, first_batch = divmod(step, per_epoch)
+      for batch in current.train_data.batches(epoch=epoch, start_batch=first_batch):
+        batch = sharding.to_global(batch, mesh)
+        new_state, step_metrics = current.train_step(state, batch)
+        loss = float(step_metrics["loss"])
+        if not math.isfinite(loss) or not bool(step_metrics["state_finite"]):
+          # The bad state is never saved; the last good checkpoint stays.
+          what = f"The training loss became {loss}" if not math.isfinite(loss) else (
+              "The update made parameters or BatchNorm statistics non-finite")
+          raise non_finite_error(what, step + 1, ckpt)
+        state, step = new_state, step + 1
+        stage_done = step == stage.end
 
-          if step % config.log_every_steps == 0 or stage_done:
-            values = jax.tree.map(float, step_metrics)
-            values.pop("state_finite")
-            values["images_per_second"] = progress.update(step, values)
-            values["learning_rate"] = float(learning_rate(step - stage.start))
-            values["stage"] = float(stage.index)
-            writer.write(step, "train", values)
-          if step % eval_every == 0 or stage_done:
-            final = evaluate(current.eval_step, state, current.eval_data, mesh)
-            writer.write(step, "eval", final)
-            log.info("step %d (stage %s) eval: %s", step, stage.name, final)
-          if stage_done:
-            stage_results[stage.name] = {f"eval/{k}": v for k, v in final.items()}
-            if len(run.stages) > 1:
-              save_finished_stage(config, workdir, stage, state, final)
-          preempted = preemption.preemption_requested(step)
-          if step % save_every == 0 or stage_done or preempted:
-            ckpt.save(step, state, extra={"epoch": epoch, "stage": stage.name,
-                                          "stage_start": stage.start},
-                      metrics={f"eval/{k}": v for k, v in final.items()} or None)
-            last_saved = step
-          if preempted:
-            log.warning("Preempted: saved step %d (stage %s), exiting; rerun to resume.",
-                        step, stage.name)
-            ckpt.wait()
-            return {"step": step, "preempted": True, "start": run.start,
-                    "stage": stage.name}
-          if step >= stage.end:
-            break
-    if last_saved != step:
-      ckpt.save(step, state, extra={"epoch": step // per_epoch, "stage": current.stage.name,
-                                    "stage_start": current.stage.start})
-  finally:
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
-    progress.close()
+        if step % config.log_every_steps == 0 or stage_done:
+          values = jax.tree.map(float, step_metrics)
+          values.pop("state_finite")
+          values["images_per_second"] = progress.update(step, values)
+          values["learning_rate"] = float(learning_rate(step - 1 - stage.start))  # this update's
+          values["stage"] = float(stage.index)
+          writer.write(step, "train", values)
+        preempted = preemption.preemption_requested(step)
+        save_now = step % save_every == 0 or stage_done or preempted
+        if step % eval_every == 0 or stage_done:
+          final = evaluate(current.eval_step, state, current.eval_data, mesh)
+          writer.write(step, "eval", final)
+          log.info("step %d (stage %s) eval: %s", step, stage.name, final)
+        elif save_now:
+          # A checkpoint is kept only with a finite evaluation at its step
+          # (checked here, not logged: metrics.jsonl keeps its schedule).
+          final = evaluate(current.eval_step, state, current.eval_data, mesh)
+        if (step % eval_every == 0 or save_now) and not math.isfinite(final["loss"]):
+          raise non_finite_error(f"The evaluation loss became {final['loss']}", step, ckpt)
+        if stage_done:
+          stage_results[stage.name] = {f"eval/{k}": v for k, v in final.items()}
+          if len(run.stages) > 1:
+            save_finished_stage(config, workdir, stage, state, final)
+        if save_now:
+          ckpt.save(step, state, extra={"epoch": epoch, "stage": stage.name,
+                                        "stage_start": stage.start},
+                    metrics={f"eval/{k}": v for k, v in final.items()} or None)
+          last_saved = step
+        if preempted:
+          name = preemption.received_signal() or "SIGTERM"
+          log.warning("%s: saved step %d (stage %s) in %s; run the same command again to "
+                      "resume.", "Interrupted" if name == "SIGINT" else "Preempted", step,
+                      stage.name, workdir)
+          ckpt.wait()
+          return {"step": step, "preempted": True, "signal": name, "start": run.start,
+                  "stage": stage.name}
+        if step >= stage.end:
+          break
+  if last_saved != step:
+    final = evaluate(current.eval_step, state, current.eval_data, mesh)
+    if not math.isfinite(final["loss"]):
+      raise non_finite_error(f"The evaluation loss became {final['loss']}", step, ckpt)
+    ckpt.save(step, state, extra={"epoch": step // per_epoch, "stage": current.stage.name,
+                                  "stage_start": current.stage.start},
+              metrics={f"eval/{k}": v for k, v in final.items()})
+  ckpt.wait()
   if not final:  # resumed after the last step: evaluate once for the report
     final = evaluate(current.eval_step, state, current.eval_data, mesh)
   result = {"step": step, "start": run.start, **{f"eval/{k}": v for k, v in final.items()}}

@@ -122,6 +122,13 @@ def read_provenance(directory: str | os.PathLike) -> dict[str, Any]:
                        "written by `python -m tlflax.cli.convert`.")
   path = os.path.join(directory, PROVENANCE_FILE)
   if not os.path.isfile(path):
+    if os.path.isfile(os.path.join(directory, "config.json")) and os.path.isdir(
+        os.path.join(directory, "checkpoints")):
+      raise WeightsError(
+          f"{directory!r} is a training run's workdir, not a converted tlflax checkpoint. "
+          "Start another run from it with config.init.source='workdir'; classify with it "
+          "by passing the workdir itself (python -m tlflax.cli.classify --weights "
+          f"{directory} IMAGE...).")
     raise WeightsError(f"{directory!r} is not a tlflax checkpoint (no {PROVENANCE_FILE}); "
                        f"it holds {_describe_contents(directory)}.")
   try:

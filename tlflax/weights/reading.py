@@ -37,6 +37,13 @@ def read_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     raise WeightsError(
         "Reading PyTorch pickles needs torch: pip install 'tlflax[torch]'. "
         "Files in .safetensors format need no torch.") from e
+  with open(path, "rb") as f:
+    start = f.read(8)
+  if not (zipfile.is_zipfile(path) or start[:1] == b"\x80"):
+    # Neither torch.save's zip archive nor a (protocol 2+) pickle.
+    raise WeightsError(f"{path!r} is not a PyTorch weight file: it is neither a zip archive "
+                       f"nor a pickle (it starts with {start!r}). Pass the .pth/.pt file "
+                       "torch.save wrote, or a .safetensors file.")
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises several types for bad pickles
@@ -47,7 +54,7 @@ def read_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
           "run code, or contains objects of unknown classes). tlflax only reads "
           "weights with torch.load(weights_only=True). If you trust the file, "
           "load it yourself and save `model.state_dict()` again, or convert it "
-          "to .safetensors.\nDetail: " + message.splitlines()[0]) from e
+          "to .safetensors. Detail: " + message.splitlines()[0]) from e
     kind = "a zip archive" if zipfile.is_zipfile(path) else "not a zip archive"
     raise WeightsError(
         f"Could not read {path!r} as a PyTorch weight file ({kind}; it may be "

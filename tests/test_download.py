@@ -1,9 +1,8 @@
-"""The pretrained registry and the download cache (never touching the internet)."""
+"""The download cache (download.py): fetch, verify, keep; never touching the internet."""
 
 import dataclasses
 import hashlib
 import http.server
-import inspect
 import logging
 import os
 import socket
@@ -13,10 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from tlflax import tree
-from tlflax import models, weights
+from tlflax import files, tree, weights
 from tlflax.data import images
-from tlflax import files
 from tlflax.weights import download, registry
 from tlflax.weights.merge import WeightsError
 from tlflax.weights.registry import FileHash, PretrainedWeights
@@ -93,10 +90,6 @@ def files_in(directory) -> list[str]:
   return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
 
 
-# ----------------------------------------------------------------------------
-# Downloads
-# ----------------------------------------------------------------------------
-
 def test_fetch_downloads_verifies_and_then_uses_the_cache(server, cache, monkeypatch):
   url, handler = server
   add_entry(monkeypatch, url + "/w.bin", FileHash("sha256", PAYLOAD_SHA256[:8], "test"))
@@ -107,14 +100,6 @@ def test_fetch_downloads_verifies_and_then_uses_the_cache(server, cache, monkeyp
   assert files_in(cache) == ["w.bin"]  # no temporary file left beside it
   assert download.fetch("resnet18.test") == path
   assert handler.requests == ["/w.bin"]  # the second fetch was a cache hit
-
-
-def test_cache_dir_from_environment_or_home(tmp_path, monkeypatch):
-  monkeypatch.setenv(files.CACHE_ENV_VAR, str(tmp_path / "elsewhere"))
-  assert files.cache_dir() == str(tmp_path / "elsewhere")
-  monkeypatch.delenv(files.CACHE_ENV_VAR)
-  monkeypatch.setenv("HOME", str(tmp_path))
-  assert files.cache_dir() == str(tmp_path / ".cache" / "tlflax")
 
 
 def test_fetch_to_an_explicit_cache_dir_over_file_url(tmp_path, cache, monkeypatch):
@@ -189,7 +174,7 @@ def test_truncated_download_leaves_no_file(server, cache, monkeypatch):
 def test_unhashed_download_is_kept_and_its_sha256_logged(server, cache, monkeypatch, caplog):
   url, _ = server
   add_entry(monkeypatch, url + "/w.bin", None)
-  with caplog.at_level(logging.WARNING, logger=registry.__name__):
+  with caplog.at_level(logging.WARNING, logger=download.__name__):
     path = download.fetch("resnet18.test")
   assert os.path.getsize(path) == len(PAYLOAD)
   assert PAYLOAD_SHA256 in caplog.text
@@ -217,85 +202,23 @@ def test_load_by_id_end_to_end(tmp_path, server, cache, monkeypatch):
     np.testing.assert_array_equal(by_id[key], value, err_msg=key)
 
 
-# ----------------------------------------------------------------------------
-# The registry
-# ----------------------------------------------------------------------------
-
-def test_every_entry_is_complete_and_usable():
-  entries = [registry.get(i) for i in registry.list_ids()]
-  assert len(entries) >= 30
-  file_names = [e.file_name for e in entries]
-  assert len(set(file_names)) == len(file_names), "two entries would share a cache file"
-  for e in entries:
-    assert e.model_name in models.model_names(), e.id
-    assert e.id.startswith(e.model_name + "."), e.id
-    assert e.source in weights.SOURCES, e.id
-    assert e.url.startswith("https://"), e.id
-    assert e.hash is not None or e.hash_note, e.id
-    if e.hash is not None:
-      assert e.hash.algorithm in ("sha256", "md5") and int(e.hash.hex_digest, 16) >= 0, e.id
-    expected_classes = 10 if e.class_names == "cifar10" else 1000
-    assert len(registry.class_names(e.class_names)) == expected_classes, e.id
-
-
-def test_imagenet_class_names_ship_with_the_package():
-  names = registry.class_names("imagenet1k")
-  assert len(names) == len(set(names)) == 1000
-  assert names[0] == "tench" and names[-1] == "toilet tissue"
-
-
-def test_unknown_id_suggests_close_ones():
-  with pytest.raises(WeightsError, match="resnet50.tv_in1k"):
-    registry.get("resnet50.tv_imagenet")
-  assert not registry.is_known("resnet50-0676ba61.pth")
-
-
-def test_torchvision_entries_match_installed_torchvision():
-  tv_models = pytest.importorskip("torchvision.models")
-  # The CIFAR ResNets are read by the torchvision converter but not published by it.
-  entries = [i for i in registry.list_ids(source="torchvision") if ".tv" in i]
-  assert len(entries) == 20
-  for weight_id in entries:
-    entry = registry.get(weight_id)
-    version = {"tv_in1k": "IMAGENET1K_V1", "tv2_in1k": "IMAGENET1K_V2"}[weight_id.split(".")[1]]
-    published = tv_models.get_model_weights(entry.model_name)[version]
-    transforms = published.transforms()
-    assert entry.url == published.url
-    assert entry.reported_top1 == published.meta["_metrics"]["ImageNet-1K"]["acc@1"]
-    assert entry.preprocessing == images.Preprocessing(
-        crop_size=transforms.crop_size[0], resize_size=transforms.resize_size[0],
-        interpolation=transforms.interpolation.value, mean=transforms.mean, std=transforms.std)
-
-
-def test_keras_entries_match_keras_source():
-  resnet = pytest.importorskip("keras.src.applications.resnet")
-  from keras.src.applications import vgg16, vgg19  # pylint: disable=import-outside-toplevel
-  for model in ("resnet50", "resnet101", "resnet152", "resnet50v2", "resnet101v2", "resnet152v2"):
-    entry = registry.get(f"keras_{model}.in1k")
-    assert entry.url == (f"{resnet.BASE_WEIGHTS_PATH}{model}"
-                         "_weights_tf_dim_ordering_tf_kernels.h5")
-    assert entry.hash == FileHash("md5", resnet.WEIGHTS_HASHES[model][0], entry.hash.origin)
-    assert entry.preprocessing == (images.TF if model.endswith("v2") else images.CAFFE)
-  for module in (vgg16, vgg19):
-    entry = registry.get(f"keras_{module.__name__.rsplit('.', 1)[1]}.in1k")
-    assert entry.url == module.WEIGHTS_PATH
-    assert f'file_hash="{entry.hash.hex_digest}"' in inspect.getsource(module)
-
-
-def test_timm_entries_match_installed_timm():
-  timm_models = pytest.importorskip("timm.models")
-  for weight_id in registry.list_ids(source="timm"):
-    entry = registry.get(weight_id)
-    config = timm_models.get_pretrained_cfg(weight_id).to_dict()
-    assert entry.url == f"https://huggingface.co/{config['hf_hub_id']}/resolve/main/model.safetensors"
-    size = config["input_size"][-1]
-    assert entry.preprocessing == images.Preprocessing(
-        crop_size=size, resize_size=int(size / config["crop_pct"]),
-        interpolation=config["interpolation"], mean=config["mean"], std=config["std"])
-
-
 def test_unwritable_cache_is_reported(tmp_path, monkeypatch):
   add_entry(monkeypatch, "http://127.0.0.1:9/w.bin", FileHash("sha256", "00", "test"))
   (tmp_path / "a_file").write_text("not a folder")
   with pytest.raises(WeightsError, match="Cannot write to the download cache"):
     download.fetch("resnet18.test", cache_dir=tmp_path / "a_file" / "cache")
+
+
+def test_cached_path_and_file_digest(tmp_path, cache, monkeypatch):
+  add_entry(monkeypatch, "http://127.0.0.1:9/w.bin", FileHash("sha256", "00", "test"))
+  assert download.cached_path("resnet18.test") == os.path.join(str(cache), "w.bin")
+  assert download.cached_path("resnet18.test", tmp_path / "mine") == str(tmp_path / "mine" / "w.bin")
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  assert download.cached_path("resnet18.tv_in1k", "~/weights") == str(
+      tmp_path / "home" / "weights" / "resnet18-f37072fd.pth")
+  with pytest.raises(WeightsError, match="Unknown pretrained weights 'nope.x'"):
+    download.cached_path("nope.x")
+  (tmp_path / "payload").write_bytes(PAYLOAD)
+  assert download.file_digest(tmp_path / "payload") == PAYLOAD_SHA256
+  assert download.file_digest(tmp_path / "payload", "md5") == hashlib.md5(PAYLOAD).hexdigest()
+  assert files_in(cache) == []  # naming a path downloads nothing
