@@ -1,0 +1,230 @@
+"""Images per second of tlflax's input pipeline against tf.data and PyTorch's DataLoader.
+
+    .venv/bin/python benchmarks/input_pipeline.py                 # generated JPEGs (+ hymenoptera)
+    .venv/bin/python benchmarks/input_pipeline.py --images 512 --repeats 5
+
+The same files and the same operations for all three: JPEG decode, then the
+training transform (224 px random-resized-crop + horizontal flip) or the
+evaluation transform (resize the shorter side to 256, centre crop 224), then
+normalisation to float32 with the ImageNet mean and std, in batches of 32.
+
+* tlflax: `tlflax.data.build` on an image folder (its decode threads).
+* tf.data: `tf.io.decode_jpeg` and `tf.image` ops in `Dataset.map` with
+  `num_parallel_calls` (AUTOTUNE at all cores), batched and prefetched.
+* PyTorch: a `DataLoader` over an image-folder dataset with torchvision's
+  `RandomResizedCrop`/`RandomHorizontalFlip` or `Resize`/`CenterCrop` on PIL
+  images, then `ToTensor` and `Normalize` (worker processes).
+
+Each at 1 worker and at every core of the host. The data: a folder of JPEGs
+generated at ImageNet-like sizes (about 500x375, quality 90; runs on a fresh
+clone), and `../shared/data/hymenoptera` (real photos) when present. Every
+number is the median over `--repeats` passes over the folder after one
+warm-up pass; the table's ratios compare loaders measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+# torchvision crashes when imported after TensorFlow: import it first.
+import torch
+import torch.utils.data
+import torchvision
+from torchvision import transforms as tv
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tlflax import data, defaults  # pylint: disable=wrong-import-position
+from tlflax.data import tensorflow_setup  # pylint: disable=wrong-import-position
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+BATCH = 32
+SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
+                      "hymenoptera", "train")
+
+
+def generate_jpegs(root: str, count: int, seed: int = 0) -> str:
+  """`count` JPEGs of about 500x375 (both orientations), quality 90, in two class folders."""
+  rng = np.random.default_rng(seed)
+  for index in range(count):
+    folder = os.path.join(root, f"class{index % 2}")
+    os.makedirs(folder, exist_ok=True)
+    width, height = (500, 375) if index % 3 else (375, 500)
+    # Smooth structure plus noise: compresses like a photo, not like flat colour.
+    y, x = np.mgrid[0:height, 0:width]
+    base = (np.sin(x / rng.uniform(8, 40)) + np.cos(y / rng.uniform(8, 40))) * 60 + 128
+    pixels = base[..., None] + rng.normal(0, 20, (height, width, 3))
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+        os.path.join(folder, f"{index:05d}.jpg"), quality=90)
+  return root
+
+
+def image_paths(root: str) -> list[str]:
+  return sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names
+                if f.lower().endswith((".jpg", ".jpeg")))
+
+
+def time_passes(one_pass, repeats: int) -> float:
+  """Median seconds of `one_pass()` over `repeats`, after one warm-up pass."""
+  one_pass()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    one_pass()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def tlflax_pass(root: str, training: bool, workers: int):
+  config = defaults.base_config().data
+  config.source, config.path = "folder", root
+  config.train_split = config.eval_split = "."
+  config.image_size, config.resize_size = 224, 256
+  config.augment = "random_resized_crop"
+  config.mean, config.std = MEAN, STD
+  dataset = data.build(config, split="train" if training else "eval", training=training,
+                       global_batch_size=BATCH, num_threads=workers)
+  epoch = [0]
+
+  def one_pass():
+    epoch[0] += 1
+    for batch in dataset.batches(epoch=epoch[0]):
+      batch["image"].shape  # pylint: disable=pointless-statement
+
+  return one_pass, dataset.steps_per_epoch * BATCH
+
+
+def tf_pass(paths: list[str], training: bool, workers: int):
+  tf = tensorflow_setup.import_tensorflow()
+  mean, std = tf.constant(MEAN), tf.constant(STD)
+
+  def train_map(path):
+    image = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
+    # torchvision's RandomResizedCrop box: scale (0.08, 1), ratio (3/4, 4/3).
+    begin, size, _ = tf.image.sample_distorted_bounding_box(
+        tf.shape(image), tf.zeros((1, 0, 4)), area_range=(0.08, 1.0),
+        aspect_ratio_range=(3 / 4, 4 / 3), max_attempts=10, use_image_if_no_bounding_boxes=True)
+    image = tf.slice(image, begin, size)
+    image = tf.image.resize(image, (224, 224), method="bilinear")
+    image = tf.image.random_flip_left_right(image)
+    return (image / 255.0 - mean) / std
+
+  def eval_map(path):
+    image = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = 256.0 / tf.reduce_min(shape)
+    image = tf.image.resize(image, tf.cast(tf.round(shape * scale), tf.int32),
+                            method="bilinear")
+    image = tf.image.resize_with_crop_or_pad(image, 224, 224)
+    return (image / 255.0 - mean) / std
+
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = workers
+  dataset = (tf.data.Dataset.from_tensor_slices(paths).shuffle(len(paths), seed=0)
+             .map(train_map if training else eval_map,
+                  num_parallel_calls=tf.data.AUTOTUNE if workers > 1 else 1)
+             .batch(BATCH, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
+             .with_options(options))
+
+  def one_pass():
+    for batch in dataset:
+      batch.numpy()
+
+  count = (len(paths) // BATCH) * BATCH if training else len(paths)
+  return one_pass, count
+
+
+class TorchFolder(torch.utils.data.Dataset):
+  """Image files -> transformed tensors (what torchvision's ImageFolder does, on a path list)."""
+
+  def __init__(self, paths, transform):
+    self.paths, self.transform = paths, transform
+
+  def __len__(self):
+    return len(self.paths)
+
+  def __getitem__(self, index):
+    with Image.open(self.paths[index]) as image:
+      return self.transform(image.convert("RGB")), 0
+
+
+def torch_pass(paths: list[str], training: bool, workers: int):
+  steps = ([tv.RandomResizedCrop(224), tv.RandomHorizontalFlip()] if training
+           else [tv.Resize(256), tv.CenterCrop(224)])
+  transform = tv.Compose([*steps, tv.ToTensor(), tv.Normalize(MEAN, STD)])
+  loader = torch.utils.data.DataLoader(TorchFolder(paths, transform), batch_size=BATCH,
+                                       shuffle=training, drop_last=training,
+                                       num_workers=workers, persistent_workers=True)
+
+  def one_pass():
+    for images, _ in loader:
+      images.numpy()
+
+  count = (len(paths) // BATCH) * BATCH if training else len(paths)
+  return one_pass, count
+
+
+def measure(root: str, repeats: int, cores: int) -> list[dict]:
+  paths = image_paths(root)
+  rows = []
+  for training in (True, False):
+    for workers in sorted({1, cores}):
+      row = {"transform": "train" if training else "eval", "workers": workers}
+      for name, make in (("tlflax", lambda: tlflax_pass(root, training, workers)),
+                         ("tf.data", lambda: tf_pass(paths, training, workers)),
+                         ("torch", lambda: torch_pass(paths, training, workers))):
+        one_pass, count = make()
+        row[name] = count / time_passes(one_pass, repeats)
+      rows.append(row)
+      print(f"  {row['transform']:5} {workers} worker(s): " + ", ".join(
+          f"{k} {row[k]:.0f}/s" for k in ("tlflax", "tf.data", "torch")), flush=True)
+  return rows
+
+
+def table(title: str, rows: list[dict]) -> str:
+  lines = [f"\n{title}", "| transform | workers | tlflax (img/s) | tf.data | torch DataLoader "
+           "| tlflax / tf.data | tlflax / torch |", "|---|---|---|---|---|---|---|"]
+  for row in rows:
+    lines.append(f"| {row['transform']} | {row['workers']} | {row['tlflax']:.0f} | "
+                 f"{row['tf.data']:.0f} | {row['torch']:.0f} | "
+                 f"{row['tlflax'] / row['tf.data']:.2f} | {row['tlflax'] / row['torch']:.2f} |")
+  by_workers = {(r["transform"], r["workers"]): r["tlflax"] for r in rows}
+  for transform in ("train", "eval"):
+    counts = sorted(w for t, w in by_workers if t == transform)
+    if len(counts) > 1:
+      lines.append(f"tlflax {transform}: {counts[-1]} workers / 1 worker = "
+                   f"{by_workers[(transform, counts[-1])] / by_workers[(transform, 1)]:.2f}x")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--images", type=int, default=256, help="generated JPEGs")
+  parser.add_argument("--repeats", type=int, default=3)
+  args = parser.parse_args(argv)
+  cores = os.cpu_count() or 1
+  torch.set_num_threads(1)  # the DataLoader's workers are the parallelism measured
+  print(f"{cores} cores; torch {torch.__version__}, torchvision {torchvision.__version__}")
+  results = []
+  with tempfile.TemporaryDirectory() as scratch:
+    root = generate_jpegs(os.path.join(scratch, "jpegs"), args.images)
+    print(f"Generated {args.images} JPEGs (about 500x375, quality 90):")
+    results.append((f"Generated JPEGs ({args.images}, about 500x375, q90)",
+                    measure(root, args.repeats, cores)))
+    if os.path.isdir(SHARED):
+      print(f"{SHARED}:")
+      results.append((f"hymenoptera train ({len(image_paths(SHARED))} photos)",
+                      measure(SHARED, args.repeats, cores)))
+  for title, rows in results:
+    print(table(title, rows))
+
+
+if __name__ == "__main__":
+  main()
