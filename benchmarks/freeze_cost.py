@@ -10,13 +10,13 @@ measured in the same run on the same machine:
 * usual+norm: the usual way plus logging the gradient norm, which reads the
   full gradient, as most training loops do;
 * torch: torchvision with `requires_grad=False` on frozen parameters and
-  `eval()` on frozen BatchNorm layers (only for torchvision model names).
+  `eval()` on frozen BatchNorm layers (torchvision's ResNets only).
 
 Train steps are jitted with the state donated, as in `tlflax.training`. Times are
 medians of `--steps` steps after one warm-up; FLOPs and peak memory
 come from XLA's analysis of the compiled step. Ratios are to our forward pass.
 
-    .venv/bin/python benchmarks/freeze_cost.py                        # all three models
+    .venv/bin/python benchmarks/freeze_cost.py                        # the default models
     .venv/bin/python benchmarks/freeze_cost.py --models resnet18 --size 128
 """
 
@@ -34,7 +34,8 @@ import optax
 
 from tlflax import freeze, models, optim, steps
 
-DEFAULT_MODELS = (("resnet18", 64), ("resnet50", 64), ("cifar_resnet56", 32))
+DEFAULT_MODELS = (("resnet18", 64), ("resnet50", 64), ("cifar_resnet56", 32),
+                  ("convnext_tiny", 64), ("vit_tiny_patch16_224", 64))
 
 
 def median_seconds(run, n: int) -> float:
@@ -91,6 +92,8 @@ def configurations(model):
 
 def measure_jax(name, size, batch_size, n_steps):
   model = models.get_model(name, num_classes=10)
+  if hasattr(model, "image_size"):  # a ViT: position embeddings for this input size
+    model = models.get_model(name, num_classes=10, image_size=size)
   rng = np.random.RandomState(0)
   batch = {"image": jnp.asarray(rng.randn(batch_size, size, size, 3), jnp.float32),
            "label": jnp.asarray(rng.randint(0, 10, batch_size))}
@@ -109,7 +112,7 @@ def measure_jax(name, size, batch_size, n_steps):
     row["ours"] = time_step(steps.make_train_step(model, tx, freezing), state, batch, n_steps)
     tx_full = optim.make_optimizer(config, freezing, 1000, full_tree=True)
     full_state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                                  batch_stats=variables["batch_stats"],
+                                  batch_stats=variables.get("batch_stats", {}),
                                   opt_state=tx_full.init(variables["params"]))
     for key, read in (("usual", False), ("usual+norm", True)):
       row[key] = time_step(make_usual_step(model, tx_full, freezing, read),
@@ -139,8 +142,8 @@ def measure_torch(name, size, batch_size, rows, n_steps):
     import torchvision  # pylint: disable=import-outside-toplevel
   except ImportError:
     return
-  if not hasattr(torchvision.models, name):
-    return
+  if not (name.startswith("resnet") and hasattr(torchvision.models, name)):
+    return  # the stage table below is torchvision's ResNet layout
   torch.set_num_threads(max(1, torch.get_num_threads()))
   rng = np.random.RandomState(0)
   images = torch.from_numpy(rng.randn(batch_size, 3, size, size).astype(np.float32))

@@ -12,6 +12,7 @@ import pytest
 from conftest import shared_data
 from tlflax import data, defaults
 from tlflax.data import digits, pipeline, sources, transforms
+from tlflax.data import images as images_lib
 
 
 def data_config(**overrides):
@@ -169,8 +170,19 @@ def test_eval_pads_the_last_batch_and_sees_every_example_once(digits_dir):
   labels = np.concatenate([b["label"] for b in batches])[:180]
   np.testing.assert_array_equal(labels, expected["label"])
   images = np.concatenate([b["image"] for b in batches])[:180]
+  # Batches leave the host as uint8, the dataset's pixels themselves ...
+  assert images.dtype == np.uint8
+  np.testing.assert_array_equal(images, expected["image"])
+  # ... and the step normalises them on the device, as the host would in float32.
+  on_device = np.asarray(dataset.device_transform()(images))
   mean, std = np.asarray(config.mean), np.asarray(config.std)
-  np.testing.assert_allclose(images, (expected["image"] / 255.0 - mean) / std, atol=1e-5)
+  assert on_device.dtype == np.float32
+  np.testing.assert_allclose(on_device, (expected["image"] / 255.0 - mean) / std, atol=1e-5)
+  # XLA divides by a constant as a multiplication by its reciprocal, so the
+  # device's values may differ from numpy's in the last bits: normalised
+  # pixels are within |3|, where a float32 ulp is 2.4e-7; 2e-6 is 8 ulps.
+  np.testing.assert_allclose(on_device, images_lib.normalize(images, dataset.preprocessing),
+                             rtol=0, atol=2e-6)
 
 
 # ---------------------------------------------------------------- few-shot subsets
@@ -241,7 +253,7 @@ def test_augmentation_changes_images_but_keeps_shape(digits_dir, augment):
                          global_batch_size=32, seed=0)
   before, after = plain.batch(0, 0), augmented.batch(0, 0)
   assert after["image"].shape == before["image"].shape == (32, 32, 32, 3)
-  assert after["image"].dtype == np.float32
+  assert after["image"].dtype == np.uint8
   np.testing.assert_array_equal(after["label"], before["label"])  # same order
   changed = [not np.array_equal(a, b) for a, b in zip(after["image"], before["image"])]
   assert np.mean(changed) > 0.5
@@ -289,6 +301,40 @@ def write_image_folder(root):
   (root / "train" / "cat" / "notes.txt").write_text("not an image")
 
 
+def test_worker_processes_give_the_batches_of_threads(tmp_path, monkeypatch):
+  """Grain's worker processes change where a batch is made, never what it holds."""
+  write_image_folder(tmp_path)
+  config = data_config(source="folder", path=str(tmp_path), eval_split="val", image_size=16,
+                       resize_size=20, augment="random_resized_crop")
+  monkeypatch.setattr(pipeline, "MIN_IMAGES_FOR_PROCESSES", 0)  # even for 12 images
+  in_threads = data.build(config, "train", training=True, global_batch_size=4, seed=3,
+                          num_workers=0)
+  in_processes = data.build(config, "train", training=True, global_batch_size=4, seed=3,
+                            num_workers=2)
+  assert in_threads.num_workers == 0 and in_processes.num_workers == 2
+  # Steps 2..7: the end of epoch 0, all of epoch 1, the start of epoch 2.
+  expected = list(in_threads.stream(2, 8))
+  for start in (2, 5):  # from the start, and resumed in the middle of epoch 1
+    got = list(in_processes.stream(start, 8))
+    assert len(got) == 8 - start
+    for mine, theirs in zip(got, expected[start - 2:]):
+      np.testing.assert_array_equal(mine["image"], theirs["image"])
+      np.testing.assert_array_equal(mine["label"], theirs["label"])
+  # A stream is the epochs' batches one after another.
+  epoch1 = all_batches(in_threads, epoch=1)
+  for mine, theirs in zip(expected[1:4], epoch1):
+    np.testing.assert_array_equal(mine["image"], theirs["image"])
+
+
+def test_file_sources_use_worker_processes_by_default(tmp_path):
+  write_image_folder(tmp_path)
+  config = data_config(source="folder", path=str(tmp_path), eval_split="val", image_size=16)
+  assert data.build(config, "train", training=True, global_batch_size=4).num_workers == (
+      os.cpu_count() or 1)
+  config.num_workers = 0
+  assert data.build(config, "train", training=True, global_batch_size=4).num_workers == 0
+
+
 @pytest.mark.parametrize("augment", ["crop_flip", "random_resized_crop", "none"])
 def test_image_folder_of_mixed_sizes_and_modes(tmp_path, augment):
   write_image_folder(tmp_path)
@@ -303,7 +349,7 @@ def test_image_folder_of_mixed_sizes_and_modes(tmp_path, augment):
   batches = all_batches(evaluation)
   assert evaluation.num_examples == 6 and len(batches) == 2
   assert np.concatenate([b["mask"] for b in batches]).sum() == 6
-  assert np.all(np.isfinite(np.concatenate([b["image"] for b in batches])))
+  assert np.concatenate([b["image"] for b in batches]).dtype == np.uint8
 
 
 def test_image_folder_slices_are_disjoint_and_cover_everything(tmp_path):
@@ -385,9 +431,9 @@ def test_tfds_images_of_varying_size_stay_encoded_until_read(tmp_path):
   batch = dataset.batch(0, 0)
   assert batch["image"].shape == (8, 8, 8, 3)
   # Each image is one flat colour, 20 * i, and stays so after resizing.
-  pixels = batch["image"][:, 0, 0, 0] * config.std[0] + config.mean[0]
+  pixels = batch["image"][:, 0, 0, 0]
   order = np.argsort(pixels)
-  np.testing.assert_allclose(pixels[order] * 255, 20 * np.arange(8), atol=1e-3)
+  np.testing.assert_array_equal(pixels[order], 20 * np.arange(8))
   np.testing.assert_array_equal(batch["label"][order], np.arange(8) // 4)
 
 
@@ -400,3 +446,141 @@ def test_unprepared_tfds_dataset_fails_at_once_with_instructions(tmp_path, name)
   assert time.monotonic() - start < 5.0
   message = str(error.value)
   assert name in message and str(tmp_path) in message and "tfds build" in message
+
+
+# ---------------------------------------------------------------- TFDS splits larger than memory
+
+
+def _define_sharded_test_builder():
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+  class TlflaxTestShardedSizes(tfds.core.GeneratorBasedBuilder):
+    """Thirty PNG images of different sizes and colours, written as three shards."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self,
+          features=tfds.features.FeaturesDict({
+              "image": tfds.features.Image(),
+              "label": tfds.features.ClassLabel(names=["a", "b", "c"])}),
+          supervised_keys=("image", "label"))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(30):
+        side = 6 + i % 7
+        image = np.full((side, side + 2, 3), (8 * i, 255 - 8 * i, i % 5 * 50), np.uint8)
+        yield i, {"image": image, "label": i % 3}
+
+  return TlflaxTestShardedSizes
+
+
+@pytest.fixture(scope="module")
+def sharded_tfds(tmp_path_factory):
+  """The same 30-image dataset prepared as TFRecord and as ArrayRecord, 3 shards each."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  builder_class = _define_sharded_test_builder()
+  data_dirs = {}
+  for file_format in ("tfrecord", "array_record"):
+    data_dirs[file_format] = str(tmp_path_factory.mktemp(file_format))
+    builder_class(data_dir=data_dirs[file_format], file_format=file_format).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False, num_shards=3))
+  return "tlflax_test_sharded_sizes", data_dirs
+
+
+@pytest.mark.parametrize("split", ["train", "train[4:23]", "train[50%:]"])
+def test_large_tfrecord_split_reads_by_random_access_the_same_examples(
+    sharded_tfds, split, tmp_path, monkeypatch):
+  import pickle  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv("TLFLAX_CACHE_DIR", str(tmp_path / "cache"))
+  name, data_dirs = sharded_tfds
+  in_memory = sources.tfds_source(name, data_dirs["tfrecord"], split)
+  indexed = sources.tfds_source(name, data_dirs["tfrecord"], split, in_memory_limit_bytes=0)
+  array_record = sources.tfds_source(name, data_dirs["array_record"], split,
+                                     in_memory_limit_bytes=0)
+  assert isinstance(in_memory, sources.EncodedSource)
+  assert isinstance(indexed, sources.TfRecordIndexSource)
+  # ArrayRecord is read by random access whatever its size.
+  assert isinstance(array_record, sources.TfdsRandomAccessSource)
+  # The split spans shards (train[4:23] ends in the third of three).
+  assert len(set(indexed.records.positions[:, 0])) > 1
+  assert len(indexed) == len(in_memory) == len(array_record) > 0
+  order = np.random.default_rng(0).permutation(len(in_memory))  # random access, any order
+  raws, labels = in_memory.read(order)
+  for other in (indexed, array_record):
+    other_raws, other_labels = other.read(order)
+    np.testing.assert_array_equal(other_labels, labels)
+    assert [bytes(r) for r in other_raws] == [bytes(r) for r in raws]  # the same PNG files
+    np.testing.assert_array_equal(other.labels(), in_memory.labels())
+  np.testing.assert_array_equal(indexed.decode(indexed.read([0])[0][0]),
+                                in_memory.decode(raws[np.argsort(order)[0]]))
+  # Worker processes get a pickled copy, which opens the files itself.
+  copy = pickle.loads(pickle.dumps(indexed))
+  assert [bytes(r) for r in copy.read(order)[0]] == [bytes(r) for r in raws]
+  # Each shard's index was cached once, and a second source reuses it.
+  cached = sorted(os.listdir(tmp_path / "cache" / "tfrecord_index"))
+  assert len(cached) == len(set(indexed.records.paths))
+  again = sources.tfds_source(name, data_dirs["tfrecord"], split, in_memory_limit_bytes=0)
+  np.testing.assert_array_equal(again.records.positions, indexed.records.positions)
+  assert sorted(os.listdir(tmp_path / "cache" / "tfrecord_index")) == cached
+
+
+def test_large_tfrecord_split_gives_the_same_batches_and_resumes(sharded_tfds, tmp_path,
+                                                                  monkeypatch):
+  monkeypatch.setenv("TLFLAX_CACHE_DIR", str(tmp_path / "cache"))
+  name, data_dirs = sharded_tfds
+  config = data_config(source="tfds", name=name, data_dir=data_dirs["tfrecord"],
+                       train_split="train", image_size=8, augment="random_resized_crop")
+  in_memory = data.build(config, "train", training=True, global_batch_size=6, seed=3)
+  monkeypatch.setattr(sources, "TFRECORD_IN_MEMORY_LIMIT_BYTES", 0)
+  indexed = data.build(config, "train", training=True, global_batch_size=6, seed=3)
+  assert isinstance(in_memory.source, sources.EncodedSource)
+  assert isinstance(indexed.source, sources.TfRecordIndexSource)
+  assert_batches_equal(all_batches(indexed, epoch=1), all_batches(in_memory, epoch=1))
+  assert_batches_equal(all_batches(indexed, epoch=1, start_batch=3),
+                       all_batches(in_memory, epoch=1)[3:])
+
+
+def test_tfrecord_threshold_counts_decoded_pixels_of_fixed_shape_images(digits_dir, tmp_path,
+                                                                       monkeypatch):
+  monkeypatch.setenv("TLFLAX_CACHE_DIR", str(tmp_path / "cache"))
+  # 90 digits of 32x32x3 uint8 decoded: 276480 bytes, whatever the PNGs weigh.
+  decoded = 90 * 32 * 32 * 3
+  kept = sources.tfds_source("tlflax_digits/source", digits_dir, "test[:50%]",
+                             in_memory_limit_bytes=decoded)
+  indexed = sources.tfds_source("tlflax_digits/source", digits_dir, "test[:50%]",
+                                in_memory_limit_bytes=decoded - 1)
+  assert isinstance(kept, sources.ArraySource)
+  assert isinstance(indexed, sources.TfRecordIndexSource)
+  raws, labels = indexed.read(range(90))
+  np.testing.assert_array_equal(labels, kept.labels())
+  np.testing.assert_array_equal(np.stack([indexed.decode(r) for r in raws]), kept.pixels)
+
+
+def test_large_tfrecord_split_with_damaged_files_says_what_to_run(sharded_tfds, tmp_path,
+                                                                  monkeypatch):
+  import shutil  # pylint: disable=import-outside-toplevel
+  from tlflax.data import tfrecord_index  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv("TLFLAX_CACHE_DIR", str(tmp_path / "cache"))
+  name, data_dirs = sharded_tfds
+  copy = tmp_path / "copy"
+  shutil.copytree(data_dirs["tfrecord"], copy)
+  shard = sorted((copy / name / "1.0.0").glob("*.tfrecord-00001-of-00003"))[0]
+  data_bytes = shard.read_bytes()
+  shard.write_bytes(data_bytes[:len(data_bytes) // 2])  # cut inside a record
+  with pytest.raises(ValueError) as error:
+    sources.tfds_source(name, str(copy), "train", in_memory_limit_bytes=0)
+  message = str(error.value)
+  assert str(shard) in message and f"tfds build {name} --data_dir={copy}" in message
+  assert "array_record" in message
+  # A remote file system has no pread: the error names the two ways out.
+  with pytest.raises(ValueError) as error:
+    tfrecord_index.IndexedRecords.from_shards(
+        [("gs://bucket/ds/1.0.0/ds-train.tfrecord-00000-of-00001", 0, 5, 5)],
+        "tfds build ds --data_dir=gs://bucket")
+  message = str(error.value)
+  assert "local disk" in message and "tfds build ds --data_dir=gs://bucket" in message
+  assert "--file_format=array_record" in message

@@ -84,7 +84,7 @@ def reference_features(model, variables, dataset, names):
   rows, labels = {name: [] for name in names}, []
   for batch in dataset.batches(epoch=0):
     real = batch["mask"] > 0
-    for name, out in run(variables, batch["image"]).items():
+    for name, out in run(variables, dataset.device_transform()(batch["image"])).items():
       rows[name].append(np.asarray(out)[real])
     labels.append(batch["label"][real])
   return {name: np.concatenate(r) for name, r in rows.items()}, np.concatenate(labels)

@@ -143,3 +143,32 @@ def test_summary_table_counts_parameters():
   assert "head/.*" in table and "650" in table and "trainable" in table
   assert "269,072" in table and "frozen" in table  # 269,722 - 650
   assert "269,722" in table
+
+
+def test_per_block_rules_on_a_vit_and_per_stage_rules_elsewhere():
+  """A ViT's stage names carry its blocks: `lld:` decays per block, `surgical:` takes one."""
+  model, variables = shapes("vit_b_16", image_size=32)
+  blocks = freeze.model_blocks(model.stage_names)
+  assert len(blocks) == 12 and blocks[:4] == ("stage1/block1", "stage1/block2",
+                                              "stage1/block3", "stage2/block1")
+  lld = freeze.compile_rules(freeze.rules_from_spec("lld:0.9", model.stage_names),
+                             variables["params"]).path_multiplier
+  assert lld["head/kernel"] == lld["stage4/norm/scale"] == 1.0
+  assert lld["stage4/block3/mlp/fc1/kernel"] == pytest.approx(0.9)
+  assert lld["stage2/block1/norm2/bias"] == pytest.approx(0.9 ** 9)
+  assert lld["stem/class_token"] == pytest.approx(0.9 ** 13)
+  one = freeze.compile_rules(freeze.rules_from_spec("surgical:stage3/block2", model.stage_names),
+                             variables["params"])
+  assert {"/".join(p.split("/")[:2]) for p in one.trainable_paths} == {
+      "stage3/block2", "head/kernel", "head/bias"}
+  assert frozen_top_level(freeze.compile_rules(freeze.freeze_depth(model.stage_names, 4),
+                                               variables["params"])) == [
+      "stage1", "stage2", "stage3", "stage4", "stem"]
+  # A CNN's stage names carry no blocks: per stage, as before.
+  resnet, _ = shapes("resnet18")
+  assert freeze.model_blocks(resnet.stage_names) == ()
+  assert freeze.layerwise_lr_decay(resnet.stage_names, 0.5) == [
+      ("head/.*", 1.0), ("(stage4)/.*", 0.5), ("(stage3)/.*", 0.25), ("(stage2)/.*", 0.125),
+      ("(stage1)/.*", 0.0625), ("(stem)/.*", 0.03125)]
+  with pytest.raises(ValueError, match="'stage1/block1' is not a stage of this model"):
+    freeze.surgical(resnet.stage_names, "stage1/block1")

@@ -60,6 +60,26 @@ def trace(model, images=IMAGES):
   return output, shapes, calls
 
 
+def expected_stages(name):
+  """Each family's published stage boundaries, as its module documents them."""
+  numbered = base.numbered_stages
+  family = models.registry.family_of(models.get_model(name))
+  if family is None:
+    if "vgg" in name:  # no stem; the hidden dense layers are a stage
+      return [*numbered(5), "fc"]
+    return ["stem", *numbered(3 if "cifar" in name else 4)]
+  return {
+      "alexnet": [*numbered(3), "fc"],
+      "convnext": ["stem", *numbered(4), "final_norm"],
+      # torchvision's features[1..7] / Keras' block1..7, then the 1x1 "top" convolution;
+      # EfficientNetV2-S has six stages.
+      "efficientnet": ["stem", *numbered(6 if name == "efficientnet_v2_s" else 7), "top"],
+      "inception": ["stem", *numbered(3)],  # Mixed_5x, Mixed_6x, Mixed_7x
+      "xception": ["stem", *numbered(5)],  # 3 entry-flow blocks, the middle flow, the exit flow
+      "vit": ["stem", *numbered(4)],  # the blocks in four groups
+  }[family]
+
+
 @pytest.mark.parametrize("name", models.model_names())
 def test_every_model_is_a_backbone(name):
   """The declared contract, for every registered name (shapes only, no init)."""
@@ -69,13 +89,12 @@ def test_every_model_is_a_backbone(name):
   assert model.frozen_batchnorm == () and model.dtype == jnp.float32
   assert isinstance(model.num_classes, int)
   stages = list(model.stage_names)
-  if "vgg" in name:  # no stem; the hidden dense layers are a stage
-    assert stages == ["stage1", "stage2", "stage3", "stage4", "stage5", "fc"]
-  else:
-    assert stages == ["stem", *base.numbered_stages(3 if "cifar" in name else 4)]
-  output, shapes, calls = trace(model)
-  # The stages are the top-level submodules, run in this order, then the head.
-  assert calls == stages + ["head"]
+  assert stages == expected_stages(name)
+  size = max(IMAGES.shape[1], getattr(model, "min_input_size", 0))
+  output, shapes, calls = trace(model, jnp.zeros((2, size, size, 3)))
+  # The stages are the top-level submodules with parameters, run in this
+  # order, then the head (a parameter-free Dropout before it does not count).
+  assert [c for c in calls if c in shapes["params"]] == stages + ["head"]
   assert set(shapes["params"]) == set(stages) | {"head"}
   assert output.shape == (2, model.num_classes)
   # Every stage is readable by its name, and so is what the head sees.
@@ -115,6 +134,7 @@ class TinyBackbone(nn.Module):
   input_stage: Optional[str] = None
   frozen_batchnorm: tuple[str, ...] = ()
   dtype: Any = jnp.float32
+  head_init: str = "lecun"
 
   @property
   def stage_names(self):
@@ -334,3 +354,29 @@ def test_small_map_conv_equals_xla_convolution(size, kernel, stride, padding):
            for f in (ours, xla)]
   for a, b in zip(*grads):  # summation order differs: bound relative to the scale
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * float(np.max(np.abs(b))))
+
+
+def test_head_init_zeros_starts_the_new_head_at_zero():
+  key = jax.random.key(3)
+  default = models.get_model("resnet18", num_classes=3).init(key, IMAGES)
+  zeros_model = models.get_model("resnet18", num_classes=3, head_init="zeros")
+  zeros = zeros_model.init(key, IMAGES)
+  assert np.any(np.asarray(default["params"]["head"]["kernel"]) != 0)  # the default is unchanged
+  np.testing.assert_array_equal(zeros["params"]["head"]["kernel"], 0)
+  np.testing.assert_array_equal(zeros["params"]["head"]["bias"], 0)
+  # Only the head differs; the first logits are all equal (zero).
+  for path in ("stem", "stage1", "stage4"):
+    for a, b in zip(jax.tree.leaves(default["params"][path]), jax.tree.leaves(zeros["params"][path])):
+      np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(zeros_model.apply(zeros, IMAGES), 0)
+  with pytest.raises(ValueError, match="head_init='xavier': use one of lecun, zeros"):
+    models.get_model("resnet18", num_classes=3, head_init="xavier").init(key, IMAGES)
+
+
+def test_config_head_init_reaches_the_model():
+  from tlflax import build, defaults  # pylint: disable=import-outside-toplevel
+  config = defaults.base_config()
+  config.model.name = "cifar_resnet20"
+  assert build.make_model(config, num_classes=4).head_init == "lecun"
+  config.model.head_init = "zeros"
+  assert build.make_model(config, num_classes=4).head_init == "zeros"

@@ -61,7 +61,8 @@ def test_prefix_cache_is_keyed_by_weights_and_reuses_shallower_stages(tmp_path):
               if json.load(open(os.path.join(directory, e, "info.json")))["stage"] == "stage2"]
   assert json.load(open(os.path.join(directory, entry, "info.json")))["computed_from"] == "stage1"
   first = next(dataset.batches())
-  direct = models.extract_features(model, variables, first["image"], ["stage2"])["stage2"]
+  direct = models.extract_features(model, variables, dataset.device_transform()(first["image"]),
+                                   ["stage2"])["stage2"]
   rows = int(first["mask"].sum())
   np.testing.assert_allclose(stage2[:rows], np.asarray(direct)[:rows], rtol=1e-5, atol=1e-5)
   # Other weights in the prefix: a new key, never the stale entry.

@@ -1,11 +1,14 @@
 """Train steps: frozen means frozen (bit-identical), and frozen parts cost no backward."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from tlflax import freeze, models, optim, steps
+from tlflax.data import images
 
 
 def make_batch(size=32, batch=8, classes=10, seed=0):
@@ -121,3 +124,24 @@ def test_flops_fall_with_freeze_depth_and_head_only_costs_a_forward(name):
   head_only = flops[f"depth:{max(depths)}"]
   assert head_only < 1.05 * forward, (head_only, forward)
   assert flops["none"] > 2.5 * forward
+
+
+def test_uint8_images_are_normalised_inside_the_step():
+  """The step given uint8 pixels and the normaliser equals the step given normalised floats."""
+  # SGD: Adam's first step is about lr * sign(g), which magnifies float noise.
+  model, freezing, tx, state, _ = setup("resnet18", "depth:2",
+                                        optimizer={"name": "sgd", "learning_rate": 0.1})
+  pixels = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+  labels = jnp.arange(8) % 10
+  preprocessing = images.Preprocessing(crop_size=32, resize_size=32)
+  on_host = jax.jit(steps.make_train_step(model, tx, freezing))(
+      state, {"image": jnp.asarray(images.normalize(pixels, preprocessing)), "label": labels})
+  prepare = functools.partial(images.normalize_on_device, preprocessing=preprocessing)
+  on_device = jax.jit(steps.make_train_step(model, tx, freezing, prepare_images=prepare))(
+      state, {"image": jnp.asarray(pixels), "label": labels})
+  # Same loss and parameters up to float32 rounding: XLA may turn the division
+  # by 255 into a multiplication by its reciprocal (last-bit differences in
+  # the inputs), which a random network amplifies by at most ~1e2.
+  np.testing.assert_allclose(on_device[1]["loss"], on_host[1]["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(on_device[0].params), jax.tree.leaves(on_host[0].params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -66,7 +66,23 @@ def make_model(config, **options):
     ('stem', 'stage1', 'stage2', 'stage3')
   """
   fields = {"last_stage": config.model.last_stage} if config.model.last_stage else {}
+  head_init = config.model.get("head_init", "lecun")
+  if head_init != "lecun":
+    fields["head_init"] = head_init
+  fields.update(_image_size_field(config))
   return models.get_model(config.model.name, dtype=config.model.dtype, **{**fields, **options})
+
+
+def _image_size_field(config) -> dict[str, int]:
+  """`{"image_size": config.data.image_size}` for a model with that field (a ViT), else {}.
+
+  A ViT stores its position embeddings for one image size; building it for
+  the configured size (and resampling pretrained embeddings to it, see
+  `read_pretrained`) makes a config with another image size just work.
+  """
+  if not hasattr(models.get_model(config.model.name), "image_size"):
+    return {}
+  return {"image_size": int(config.data.image_size)}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
@@ -108,7 +124,9 @@ def read_pretrained(config) -> dict[str, Any] | None:
         "existing file or tlflax checkpoint with --config.init.weights=PATH (and "
         "--config.init.source=torchvision|timm|keras|tlflax), a training run with "
         "--config.init.source=workdir, or an id from tlflax.weights.registry.list_ids().")
-  return weights.load(config.model.name, path, source=config.init.source or None)
+  # A ViT's position embeddings are resampled to the configured image size.
+  return weights.load(config.model.name, path, source=config.init.source or None,
+                      **_image_size_field(config))
 
 
 def _transferred(config, model, pretrained) -> tuple[dict[str, Any], list[str]]:

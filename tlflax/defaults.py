@@ -22,6 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
       name="cifar_resnet20",
       dtype="float32",        # computation dtype; "bfloat16" on accelerators
       last_stage="",          # truncate after this stage ("" = whole network)
+      head_init="lecun",      # a new head starts: lecun (flax default) | zeros (big_transfer)
   ))
   # Start-up order: resume from the workdir, else these weights, else scratch.
   config.init = ml_collections.ConfigDict(dict(
@@ -50,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
       # Image folders: every file's header is checked before training; True
       # leaves out files that are no images (counted and named) instead of stopping.
       skip_bad_files=False,
+      # Worker processes (Grain) that decode and augment batches: -1 = one per
+      # CPU core where images are files to decode; 0 = threads in this process.
+      num_workers=-1,
   ))
 
   config.batch_size = 128     # global batch, split over all devices

@@ -263,10 +263,27 @@ def full_fine_tuning() -> list[tuple[str, RuleValue]]:
   return [(".*", "trainable")]
 
 
+def model_blocks(stage_names: Sequence[str]) -> tuple[str, ...]:
+  """The finer units a model's stage names carry, input side first, or ().
+
+  A ViT's `stage_names` carries `.blocks` ("stage1/block1", ...): its stages
+  group several transformer blocks, and `lld:` and `surgical:` work per
+  block. A CNN's stage names carry none.
+  """
+  return tuple(getattr(stage_names, "blocks", ()))
+
+
 def surgical(stage_names: Sequence[str], stage: str, train_head: bool = True):
-  """Train one chosen stage only (and the new head, unless `train_head=False`)."""
-  if stage not in stage_names:
-    raise ValueError(f"{stage!r} is not a stage of this model: {list(stage_names)}.")
+  """Train one chosen stage only (and the new head, unless `train_head=False`).
+
+  `stage` may also be one block of a model whose stage names carry blocks
+  (`model_blocks`), e.g. "stage2/block1" of a ViT.
+  """
+  blocks = model_blocks(stage_names)
+  if stage not in stage_names and stage not in blocks:
+    raise ValueError(f"{stage!r} is not a stage of this model: {list(stage_names)}"
+                     + (f" (or a block: {blocks[0]} ... {blocks[-1]})" if blocks else "")
+                     + ".")
   rules = [(_any_of([stage]), "trainable")]
   if train_head:
     rules.append(("head/.*", "trainable"))
@@ -285,10 +302,20 @@ def layerwise_lr_decay(stage_names: Sequence[str], decay: float):
   """Each stage's rate is `decay ** distance_from_head` times the base.
 
   The head has distance 0, the last stage 1, ..., the stem the largest.
+  When the stage names carry blocks (a ViT, see `model_blocks`) the distance
+  counts blocks, as BEiT and timm's layer decay do: the last block 1, the
+  first block `len(blocks)`, the stem one more; parameters in no block and
+  no stem (a ViT's final LayerNorm) learn at the head's rate.
   """
   if not 0 < decay <= 1:
     raise ValueError(f"Layer-wise decay must be in (0, 1], got {decay}.")
   rules = [("head/.*", 1.0)]
+  blocks = model_blocks(stage_names)
+  if blocks:
+    stem = [s for s in stage_names if s == "stem"]
+    for distance, layer in enumerate(reversed([*stem, *blocks]), start=1):
+      rules.append((_any_of([layer]), decay ** distance))
+    return rules + [(".*", 1.0)]
   for distance, stage in enumerate(reversed(stage_names), start=1):
     rules.append((_any_of([stage]), decay ** distance))
   return rules

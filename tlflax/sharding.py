@@ -8,8 +8,9 @@ BatchNorm statistics over the global batch (XLA inserts the all-reduce).
 
 from __future__ import annotations
 
+import collections
 import logging
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -81,6 +82,34 @@ def to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
   sharding = batch_sharded(mesh)
   return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
           for key, value in local_batch.items()}
+
+
+def prefetch_to_mesh(local_batches: Iterable[dict[str, np.ndarray]], mesh: Mesh,
+                     size: int = 2) -> Iterator[dict[str, jax.Array]]:
+  """Places batches on the devices `size` ahead of the one being used.
+
+  The transfers are asynchronous, so while the step on batch k runs, batches
+  k+1 ... k+size are already being copied to (or sit on) the devices.
+
+  Args:
+    local_batches: this process's parts of global batches (numpy).
+    mesh: the device mesh (see `to_global`).
+    size: batches placed ahead (device memory: `size` extra batches).
+
+  Yields:
+    The batches as global arrays, in order.
+
+  Example:
+    >>> for batch in prefetch_to_mesh(dataset.batches(epoch), mesh):
+    ...   state, metrics = train_step(state, batch)
+  """
+  ahead: collections.deque = collections.deque()
+  for local_batch in local_batches:
+    ahead.append(to_global(local_batch, mesh))
+    if len(ahead) > size:
+      yield ahead.popleft()
+  while ahead:
+    yield ahead.popleft()
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -79,8 +79,13 @@ def with_frozen_batchnorm(model: nn.Module, freezing: Freezing, batch_stats) -> 
   return model.clone(frozen_batchnorm=freezing.frozen_batchnorm(batch_stats))
 
 
+def _unchanged(images):
+  return images
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     freezing: Freezing, label_smoothing: float = 0.0, dropout_seed: int = 0,
+                    prepare_images: Callable[[Any], Any] | None = None,
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Builds `train_step(state, batch) -> (state, metrics)`.
 
@@ -91,6 +96,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     label_smoothing: for the cross-entropy loss.
     dropout_seed: dropout keys are this seed folded with the step number, so a
       resumed run draws the same masks as an uninterrupted one.
+    prepare_images: applied to `batch["image"]` inside the step, on the
+      device: the dataset's `device_transform()` (uint8 -> normalised float32);
+      None passes the images on as they are.
 
   Returns:
     A pure function; `batch` holds "image" (NHWC) and "label" (int). Metrics: loss, accuracy, grad_norm (trainable
@@ -101,15 +109,18 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     raise ValueError("Every parameter is frozen: there is nothing to train. "
                      "Check the freeze rules.")
 
+  prepare = prepare_images or _unchanged
+
   def train_step(state: TrainState, batch: dict):
     step_model = with_frozen_batchnorm(model, freezing, state.batch_stats)
+    images = prepare(batch["image"])
     trainable, frozen = freezing.split(state.params)
     rngs = {"dropout": jax.random.fold_in(jax.random.key(dropout_seed), state.step)}
 
     def loss_fn(trainable_params):
       variables = {"params": merge_trees(trainable_params, frozen),
                    "batch_stats": state.batch_stats}
-      logits, new_state = step_model.apply(variables, batch["image"], train=True,
+      logits, new_state = step_model.apply(variables, images, train=True,
                                            mutable=["batch_stats"], rngs=rngs)
       loss = cross_entropy(logits, batch["label"], label_smoothing)
       return loss, (logits, new_state.get("batch_stats", {}))
@@ -137,12 +148,18 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   return train_step
 
 
-def make_eval_step(model: nn.Module) -> Callable[[TrainState, dict], dict]:
-  """Builds `eval_step(state, batch) -> metrics` (sums, so batches can be added)."""
+def make_eval_step(model: nn.Module, prepare_images: Callable[[Any], Any] | None = None,
+                   ) -> Callable[[TrainState, dict], dict]:
+  """Builds `eval_step(state, batch) -> metrics` (sums, so batches can be added).
+
+  `prepare_images` is applied to `batch["image"]` on the device, as in
+  `make_train_step`.
+  """
+  prepare = prepare_images or _unchanged
 
   def eval_step(state: TrainState, batch: dict):
     logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                         batch["image"], train=False)
+                         prepare(batch["image"]), train=False)
     labels = batch["label"]
     weight = batch.get("mask", jnp.ones(labels.shape, jnp.float32))
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)

@@ -4,7 +4,8 @@
     ...               seed=0, process_index=jax.process_index(),
     ...               process_count=jax.process_count())
     >>> for batch in train.batches(epoch=3, start_batch=17):
-    ...   batch["image"], batch["label"]     # float32 (64, H, W, 3), int32 (64,) on 2 processes
+    ...   batch["image"], batch["label"]     # uint8 (64, H, W, 3), int32 (64,) on 2 processes
+    >>> images = train.device_transform()(batch["image"])  # in the jitted step: float32
 
 Everything a batch holds is a pure function of (seed, epoch, batch number):
 
@@ -21,6 +22,10 @@ So `batches(epoch, start_batch=k)` resumes exactly where an interrupted run
 stopped, and the number of processes never changes what the model is trained
 on. Evaluation goes through the examples in order; the last batch is padded
 to full size and `mask` marks the real examples (1) and the padding (0).
+
+Images leave the host as uint8, a quarter of the bytes of float32;
+`device_transform()` is what the jitted step applies to them on the device
+(scaling and mean/std normalisation, `images.normalize_on_device`).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -38,10 +43,35 @@ from tlflax.data import sources
 from tlflax.data import transforms
 
 SOURCES = ("tfds", "folder", "digits")
+# Worker processes are used for streams of at least this many images: each
+# starts in a few seconds (a fresh interpreter importing numpy, PIL and
+# tlflax), which threads in this process do not pay; shorter streams (small
+# evaluation sets, tests) are quicker on threads.
+MIN_IMAGES_FOR_PROCESSES = 2048
 # Tags that keep the random streams of different purposes apart for one seed.
 _SHUFFLE_STREAM = 1
 _FEW_SHOT_STREAM = 2
-_MAX_THREADS = 8
+
+
+class _GlobalBatch:
+  """`dataset._global_batch` as a picklable callable for Grain's worker processes."""
+
+  def __init__(self, dataset: "Dataset"):
+    self.dataset = dataset
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    return self.dataset._global_batch(int(step))  # pylint: disable=protected-access
+
+
+def _absl_flags_for_grain() -> None:
+  """Grain reads its settings from absl flags, which must count as parsed.
+
+  tlflax's command lines parse their own flag sets, and a notebook parses
+  none; marking the global set parsed keeps every flag at its default.
+  """
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 
 # eq=False: fields hold arrays, which have no single truth value to compare by.
@@ -77,37 +107,91 @@ class Dataset:
   preprocessing: image_files.Preprocessing = dataclasses.field(repr=False)
   # Threads that decode and transform examples; 1 = a plain loop.
   num_threads: int = 1
+  # Worker processes (Grain) that prepare whole batches; 0 = this process.
+  num_workers: int = 0
 
   def batches(self, epoch: int = 0, start_batch: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """This process's part of global batches `start_batch`... of `epoch`.
-
-    The next batch is prepared on a background thread while the caller
-    works on the current one.
 
     Args:
       epoch: selects the shuffle and augmentation (ignored for evaluation).
       start_batch: the first batch to yield, to resume inside an epoch.
 
     Yields:
-      {"image": float32 (local_batch, H, W, 3), "label": int32 (local_batch,)}
-      plus "mask": float32 (local_batch,) for evaluation.
+      {"image": uint8 (local_batch, H, W, 3), "label": int32 (local_batch,)}
+      plus "mask": float32 (local_batch,) for evaluation. The step applies
+      `device_transform()` to the images.
     """
     if not 0 <= start_batch <= self.steps_per_epoch:
       raise ValueError(f"start_batch {start_batch} is outside 0..{self.steps_per_epoch}.")
+    first = epoch * self.steps_per_epoch
+    return self.stream(first + start_batch, first + self.steps_per_epoch)
+
+  def stream(self, start: int, stop: int) -> Iterator[dict[str, np.ndarray]]:
+    """The batches of global steps `start` ... `stop - 1`, across epochs.
+
+    Step `s` is batch `s % steps_per_epoch` of epoch `s // steps_per_epoch`,
+    so a training loop reads one stream from its first step to its last,
+    and a resumed one from the step it stopped at. Batches are prepared
+    ahead: by `num_workers` worker processes (Grain) when set and the stream
+    is long enough to repay starting them, else by `num_threads` threads of
+    this process, one batch ahead.
+
+    Args:
+      start, stop: global step numbers, 0 <= start <= stop.
+
+    Yields:
+      The batches, as `batches` describes them.
+    """
+    if not 0 <= start <= stop:
+      raise ValueError(f"Need 0 <= start <= stop, got {start} and {stop}.")
+    images = (stop - start) * self.local_batch_size
+    if self.num_workers > 0 and images >= MIN_IMAGES_FOR_PROCESSES:
+      return self._stream_in_processes(start, stop)
+    return self._stream_in_threads(start, stop)
+
+  def _stream_in_threads(self, start: int, stop: int) -> Iterator[dict[str, np.ndarray]]:
     with concurrent.futures.ThreadPoolExecutor(1) as ahead, \
          concurrent.futures.ThreadPoolExecutor(self.num_threads) as workers:
       pending = None
       try:
-        for step in range(start_batch, self.steps_per_epoch):
+        for step in range(start, stop):
           if pending is None:
-            pending = ahead.submit(self._batch, epoch, step, workers)
+            pending = ahead.submit(self._global_batch, step, workers)
           current = pending.result()
-          pending = (ahead.submit(self._batch, epoch, step + 1, workers)
-                     if step + 1 < self.steps_per_epoch else None)
+          pending = (ahead.submit(self._global_batch, step + 1, workers)
+                     if step + 1 < stop else None)
           yield current
       finally:
         if pending is not None:
           pending.cancel()
+
+  def _stream_in_processes(self, start: int, stop: int) -> Iterator[dict[str, np.ndarray]]:
+    # Grain runs `_global_batch` in worker processes and returns the batches
+    # in step order; each batch is a pure function of its step, so the number
+    # of workers never changes a batch, and resuming needs no iterator state.
+    import grain  # pylint: disable=import-outside-toplevel
+    _absl_flags_for_grain()
+    steps = grain.MapDataset.range(start, stop).map(_GlobalBatch(self))
+    iterator = iter(steps.to_iter_dataset().mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=self.num_workers)))
+    try:
+      yield from iterator
+    finally:
+      iterator.close()
+
+  def _global_batch(self, step: int, workers=None) -> dict[str, np.ndarray]:
+    epoch, batch = divmod(step, self.steps_per_epoch)
+    return self._batch(epoch, batch, workers)
+
+  def device_transform(self) -> Callable[[Any], Any]:
+    """The function the jitted step applies to `batch["image"]` on the device.
+
+    Returns:
+      uint8 images -> float32, normalised with this dataset's `preprocessing`
+      (`images.normalize_on_device`).
+    """
+    return functools.partial(image_files.normalize_on_device, preprocessing=self.preprocessing)
 
   def batch(self, epoch: int, step: int) -> dict[str, np.ndarray]:
     """Batch `step` of `epoch` alone, as `batches` yields it.
@@ -155,7 +239,7 @@ class Dataset:
       images[real] = np.stack(pixels)
     all_labels = np.zeros((self.local_batch_size,), np.int32)
     all_labels[real] = labels
-    batch = {"image": image_files.normalize(images, self.preprocessing), "label": all_labels}
+    batch = {"image": images, "label": all_labels}
     if not self.training:
       batch["mask"] = real.astype(np.float32)
     return batch
@@ -246,7 +330,8 @@ def load_source(data_config, split: str) -> sources.ExampleSource:
 
 
 def build(data_config, split: str, training: bool, global_batch_size: int, seed: int = 0,
-          process_index: int = 0, process_count: int = 1, num_threads: int = 0) -> Dataset:
+          process_index: int = 0, process_count: int = 1, num_threads: int = 0,
+          num_workers: int | None = None) -> Dataset:
   """Reads a split named in `config.data` and batches it for this process.
 
   Args:
@@ -258,8 +343,12 @@ def build(data_config, split: str, training: bool, global_batch_size: int, seed:
     global_batch_size: examples per step over all processes.
     seed: decides the order, the augmentation and the few-shot subset.
     process_index, process_count: this process and how many share the batches.
-    num_threads: threads that decode and transform images; 0 = one per CPU
-      core (at most 8) where images need decoding or resizing, else 1.
+    num_threads: threads that decode and transform images in this process;
+      0 = one per CPU core where images need decoding or resizing, else 1.
+    num_workers: worker processes that prepare batches (Grain), for streams
+      of at least `MIN_IMAGES_FOR_PROCESSES` images; 0 = none (threads);
+      -1 = one per CPU core where images are files to decode, else none;
+      None = `data_config.num_workers` (default -1).
 
   Returns:
     A `Dataset`.
@@ -304,11 +393,16 @@ def build(data_config, split: str, training: bool, global_batch_size: int, seed:
     needs_pil = (source.decodes or augment == "random_resized_crop"
                  or preprocessing.resize_size != image_size
                  or source.image_shape() != (image_size, image_size))
-    num_threads = max(1, min(_MAX_THREADS, os.cpu_count() or 1)) if needs_pil else 1
+    num_threads = max(1, os.cpu_count() or 1) if needs_pil else 1
+  if num_workers is None:
+    num_workers = int(data_config.get("num_workers", -1))
+  if num_workers < 0:
+    # Processes pay off where the GIL holds threads back: decoding files.
+    num_workers = max(1, os.cpu_count() or 1) if source.decodes else 0
   return Dataset(
       num_examples=num_examples, num_classes=len(class_names), class_names=class_names,
       steps_per_epoch=steps, global_batch_size=global_batch_size,
       local_batch_size=global_batch_size // process_count, training=training,
       image_size=image_size, augment=augment, seed=int(seed), process_index=process_index,
       process_count=process_count, source=source, example_ids=example_ids,
-      preprocessing=preprocessing, num_threads=num_threads)
+      preprocessing=preprocessing, num_threads=num_threads, num_workers=num_workers)

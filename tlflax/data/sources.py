@@ -12,10 +12,17 @@ TFDS datasets are read offline from a prepared `data_dir`, never downloaded:
   random access through `builder.as_data_source`, so any size works; images
   are decoded when read. Labels are only read in full (one pass over the
   records) when a few-shot subset asks for them.
-* prepared as TFRecord (the TFDS default): the split is read once into
-  memory, as decoded uint8 arrays when the dataset declares a fixed image
-  shape (CIFAR, MNIST, ...) and as the encoded image files otherwise. The
-  split must fit in memory; prepare large datasets as ArrayRecord instead.
+* prepared as TFRecord (the TFDS default), up to
+  `TFRECORD_IN_MEMORY_LIMIT_BYTES` (2 GiB) of what it would hold in memory:
+  the split is read once into memory, as decoded uint8 arrays when the
+  dataset declares a fixed image shape (CIFAR, MNIST, ...) and as the encoded
+  image files otherwise.
+* prepared as TFRecord and larger than that (ImageNet, Food-101, ...): read
+  by random access through an index of where each record starts in its file
+  (`tlflax.data.tfrecord_index`, built once and cached), so nothing is
+  converted or held in memory; images are decoded when read. The files must
+  be on a local disk; on a remote one (gs://...) prepare the dataset as
+  ArrayRecord instead, and the error says how.
 
 Image folders (`root/<split>/<class>/<image>`) are listed once and read file
 by file.
@@ -34,12 +41,19 @@ import numpy as np
 
 from tlflax.data import images as image_files
 from tlflax.data import tensorflow_setup
+from tlflax.data import tfrecord_index
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                     ".ppm", ".pgm")
 # Orders a folder's files before slicing, so "train[:80%]" is a random 80%
 # and not the first classes; fixed, so the split never changes between runs.
 _FOLDER_SLICE_SEED = 20240229
+# A TFRecord split that would hold more than this in memory (decoded pixels
+# for a fixed image shape, else its encoded files) is read by random access
+# from its files instead. 2 GiB keeps the small benchmarks (CIFAR-10/100:
+# 150 MB decoded, SVHN, MNIST, the Oxford and Caltech sets) in memory, where
+# each process reads them once, and every ImageNet-sized split on disk.
+TFRECORD_IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
 
 
 class ExampleSource:
@@ -145,6 +159,45 @@ class TfdsRandomAccessSource(ExampleSource):
 
 
 @dataclasses.dataclass
+class TfRecordIndexSource(ExampleSource):
+  """A TFRecord split read record by record from its files, through an index.
+
+  The records are parsed with the dataset's own features, images left
+  encoded until decoded.
+  """
+  records: tfrecord_index.IndexedRecords
+  features: Any  # the dataset's tfds FeaturesDict
+  image_key: str
+  label_key: str
+  class_names: tuple[str, ...]
+  decodes: bool = True
+  _labels: np.ndarray | None = None
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def _parse(self, index: int) -> dict[str, Any]:
+    tfds = tensorflow_setup.import_tfds()
+    return self.features.deserialize_example_np(
+        self.records[index], decoders={self.image_key: tfds.decode.SkipDecoding()})
+
+  def labels(self) -> np.ndarray:
+    if self._labels is None:
+      # One pass over every record; only few-shot subsets need this.
+      self._labels = np.asarray([int(self._parse(i)[self.label_key]) for i in range(len(self))],
+                                np.int64)
+    return self._labels
+
+  def read(self, indices):
+    examples = [self._parse(int(i)) for i in indices]
+    return ([e[self.image_key] for e in examples],
+            np.asarray([int(e[self.label_key]) for e in examples], np.int64))
+
+  def decode(self, raw):
+    return _decode_image(raw)
+
+
+@dataclasses.dataclass
 class ConcatSource(ExampleSource):
   """Several sources with the same classes, one after another.
 
@@ -198,7 +251,8 @@ def _decode_image(raw: Any) -> np.ndarray:
 # ---------------------------------------------------------------- TFDS
 
 
-def tfds_source(name: str, data_dir: str, split: str) -> ExampleSource:
+def tfds_source(name: str, data_dir: str, split: str,
+                in_memory_limit_bytes: int | None = None) -> ExampleSource:
   """One split of a prepared TFDS dataset, read without any network access.
 
   Args:
@@ -206,13 +260,26 @@ def tfds_source(name: str, data_dir: str, split: str) -> ExampleSource:
       "tlflax_digits/source:1.0.0").
     data_dir: the folder it was prepared in; "" = the TFDS default.
     split: a TFDS split string ("train", "train[:80%]", "test").
+    in_memory_limit_bytes: a TFRecord split that would hold more than this in
+      memory is read by random access from its files instead; None =
+      `TFRECORD_IN_MEMORY_LIMIT_BYTES`. ArrayRecord splits are always read by
+      random access.
 
   Returns:
-    An `ExampleSource`.
+    An `ExampleSource`: `TfdsRandomAccessSource` (ArrayRecord),
+    `TfRecordIndexSource` (large TFRecord), else `ArraySource` or
+    `EncodedSource` held in memory.
 
   Raises:
     FileNotFoundError: the dataset is not prepared in `data_dir`. Raised at
       once: nothing is downloaded.
+    ValueError: a large TFRecord split on a remote file system, or one whose
+      files do not hold the records its metadata counts; the message says
+      what to run.
+
+  Example:
+    >>> source = tfds_source("imagenet2012", "/data/tfds", "train")
+    >>> raw_images, labels = source.read([5, 17])
   """
   tfds = tensorflow_setup.import_tfds()
   builder = prepared_builder(name, data_dir)
@@ -223,6 +290,22 @@ def tfds_source(name: str, data_dir: str, split: str) -> ExampleSource:
     data_source = builder.as_data_source(
         split=split, decoders={image_key: tfds.decode.SkipDecoding()})
     return TfdsRandomAccessSource(data_source, image_key, label_key, class_names)
+
+  limit = (TFRECORD_IN_MEMORY_LIMIT_BYTES if in_memory_limit_bytes is None
+           else in_memory_limit_bytes)
+  instructions = builder.info.splits[split].file_instructions
+  in_memory = _tfrecord_bytes_in_memory(builder.info, image_key, instructions)
+  if in_memory > limit:
+    logging.getLogger(__name__).info(
+        "%s split %r would hold %.2f GiB in memory (limit %.2f GiB): reading it by random "
+        "access from its TFRecord files, indexed in %s.", name, split, in_memory / 1024**3,
+        limit / 1024**3, tfrecord_index.index_dir())
+    shown_dir = data_dir or os.path.expanduser(tfds.core.constants.DATA_DIR)
+    records = tfrecord_index.IndexedRecords.from_shards(
+        [(os.fspath(i.filename), i.skip, _examples_taken(i), i.examples_in_shard)
+         for i in instructions], f"tfds build {name} --data_dir={shown_dir}")
+    return TfRecordIndexSource(records, builder.info.features, image_key, label_key,
+                               class_names)
 
   image_shape = builder.info.features[image_key].shape
   # shuffle_files=False: TFDS then reads in a fixed order, which exact resume needs.
@@ -238,6 +321,24 @@ def tfds_source(name: str, data_dir: str, split: str) -> ExampleSource:
     items.append(example[image_key])
     labels.append(int(example[label_key]))
   return EncodedSource(items, np.asarray(labels, np.int64), class_names)
+
+
+def _tfrecord_bytes_in_memory(info, image_key: str, instructions) -> int:
+  """What reading these shards whole would hold: decoded pixels, else the encoded files."""
+  shape = info.features[image_key].shape
+  if all(isinstance(d, int) for d in shape):
+    return sum(_examples_taken(i) for i in instructions) * int(np.prod(shape))
+  # Encoded images are most of a record: the files' share of the split is the bound.
+  tensorflow = tensorflow_setup.import_tensorflow()
+  return int(sum(tensorflow.io.gfile.stat(os.fspath(i.filename)).length
+                 * _examples_taken(i) / max(1, i.examples_in_shard) for i in instructions))
+
+
+def _examples_taken(instruction) -> int:
+  """How many records a TFDS file instruction reads (its `take` of -1 means to the end)."""
+  if instruction.take < 0:
+    return instruction.examples_in_shard - instruction.skip
+  return instruction.take
 
 
 def prepared_builder(name: str, data_dir: str):

@@ -81,8 +81,9 @@ def extract(model, variables, dataset, stage: str, pool: str = "avg",
     variables: its `{"params", "batch_stats"}`.
     dataset: a `tlflax.data` Dataset built with `training=False`.
     stage: one of `tlflax.models.feature_names(model)`, e.g. "stage3" or "pre_logits".
-    pool: "avg" averages spatial maps over height and width to (N, C);
-      "none" keeps (N, H, W, C). Vectors (pre_logits, logits, fc) stay (N, C).
+    pool: "avg" averages spatial maps over height and width, and a Vision
+      Transformer stage's tokens over the tokens, to (N, C); "none" keeps
+      (N, H, W, C) or (N, tokens, C). Vectors (pre_logits, logits, fc) stay (N, C).
     progress: show a tqdm progress bar.
 
   Returns:
@@ -106,13 +107,16 @@ def extract(model, variables, dataset, stage: str, pool: str = "avg",
   model = models.model_for_stage(model, stage)
   variables = variables_for(model, variables, dataset.image_size)
 
+  prepare = dataset.device_transform()
+
   # Variables as an argument, not a closure: XLA would embed them as constants.
   @jax.jit
   def features_of(variables, images):
-    out = models.extract_features(model, variables, images, [stage])[stage]
+    out = models.extract_features(model, variables, prepare(images), [stage])[stage]
     out = out.astype(jnp.float32)
-    if pool == "avg" and out.ndim == 4:
-      out = jnp.mean(out, axis=(1, 2))
+    if pool == "avg" and out.ndim in (3, 4):
+      # A feature map (N, H, W, C) or a transformer's tokens (N, T, C).
+      out = jnp.mean(out, axis=tuple(range(1, out.ndim - 1)))
     return out
 
   features = labels = None

@@ -68,6 +68,10 @@ class Backbone(Protocol):
       `train=True` (see `layers.BatchNorm`).
     dtype: computation dtype (e.g. `jnp.bfloat16`); parameters stay float32
       and outputs leave in at least float32.
+    head_init: how a new `head` starts: "lecun" (flax's default, LeCun
+      normal kernel, zero bias) or "zeros" (kernel and bias zero, as
+      big_transfer and big_vision start a transfer head: the first logits are
+      all equal and the first gradients reach the head only).
 
   Calling the module, `model.apply(variables, x, train=False)` takes NHWC
   images (or the `input_stage` output) and returns logits (or `pre_logits`
@@ -87,6 +91,7 @@ class Backbone(Protocol):
   num_classes: Optional[int]
   frozen_batchnorm: tuple[str, ...]
   dtype: Any
+  head_init: str
 
   @property
   def stage_names(self) -> tuple[str, ...]:
@@ -172,8 +177,29 @@ def classifier_head(module: Backbone, pooled):
   out_dtype = jnp.promote_types(module.dtype, jnp.float32)
   if module.num_classes is None:
     return pooled.astype(out_dtype)
-  logits = nn.Dense(module.num_classes, dtype=module.dtype, name="head")(pooled)
+  logits = nn.Dense(module.num_classes, dtype=module.dtype, name="head",
+                    **head_initializers(module.head_init))(pooled)
   return logits.astype(out_dtype)
+
+
+HEAD_INITS = ("lecun", "zeros")
+
+
+def head_initializers(head_init: str) -> dict[str, Any]:
+  """`nn.Dense` initializer arguments for a new head (see `Backbone.head_init`).
+
+  Raises:
+    ValueError: an unknown name; the message lists the choices.
+
+  Example:
+    >>> head_initializers("zeros")["kernel_init"] is nn.initializers.zeros
+    True
+  """
+  if head_init == "lecun":
+    return {}
+  if head_init == "zeros":
+    return dict(kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros)
+  raise ValueError(f"head_init={head_init!r}: use one of {', '.join(HEAD_INITS)}.")
 
 
 def feature_names(model: Backbone) -> list[str]:

@@ -164,6 +164,7 @@ class KerasResNet(nn.Module):
     dtype: computation dtype (parameters stay float32).
     frozen_batchnorm: regexes over BatchNorm module paths held in inference
       mode (see `layers.BatchNorm`).
+    head_init: "lecun" or "zeros" for a new head (see `base.Backbone`).
     bn_epsilon, bn_momentum: Keras' BatchNorm settings.
 
   Example:
@@ -178,6 +179,7 @@ class KerasResNet(nn.Module):
   input_stage: Optional[str] = None
   dtype: Any = jnp.float32
   frozen_batchnorm: tuple[str, ...] = ()
+  head_init: str = "lecun"
   bn_epsilon: float = KERAS_BN_EPSILON
   bn_momentum: float = KERAS_BN_MOMENTUM
 

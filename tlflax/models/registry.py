@@ -1,12 +1,17 @@
 """Model names -> constructors.
 
-Every family is listed here directly (torchvision and CIFAR ResNets, VGGs,
-the Keras ResNets and VGGs); `register` adds constructors from outside the
-package. Whatever is registered must build a `base.Backbone`.
+The first families (torchvision and CIFAR ResNets, VGGs, the Keras ResNets
+and VGGs) are listed here directly. Every later family lives in modules of
+its own, named in `FAMILIES`: `tlflax/models/<family>.py` builds it and
+lists its names in `MODELS`, and `tlflax/weights/<family>.py` converts its
+weights (one name table per source) and lists its published files in
+`PRETRAINED`. `register` adds constructors from outside the package.
+Whatever is registered must build a `base.Backbone`.
 """
 
 from __future__ import annotations
 
+import importlib
 import numbers
 from typing import Any, Callable
 
@@ -36,6 +41,30 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
     "keras_resnet101v2": keras_resnet.keras_resnet101v2,
     "keras_resnet152v2": keras_resnet.keras_resnet152v2,
 }
+
+# Families in modules of their own (see the module docstring), one per line.
+FAMILIES = (
+    "alexnet",
+    "convnext",
+    "efficientnet",
+    "inception",
+    "xception",
+    "vit",
+)
+for _family in FAMILIES:
+  _MODELS.update(importlib.import_module(f"tlflax.models.{_family}").MODELS)
+
+
+def family_of(model: nn.Module) -> str | None:
+  """The entry of `FAMILIES` whose module built `model`, or None (the first families).
+
+  Example:
+    >>> family_of(get_model("alexnet"))
+    'alexnet'
+  """
+  module = type(model).__module__
+  prefix, _, family = module.rpartition(".")
+  return family if prefix == "tlflax.models" and family in FAMILIES else None
 
 
 def register(name: str, constructor: Callable[..., nn.Module]) -> None:

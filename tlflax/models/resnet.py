@@ -120,6 +120,7 @@ class ResNet(nn.Module):
     dtype: computation dtype (parameters stay float32).
     frozen_batchnorm: regexes over BatchNorm module paths held in inference
       mode (see `layers.BatchNorm`).
+    head_init: "lecun" or "zeros" for a new head (see `base.Backbone`).
     bn_epsilon, bn_momentum: BatchNorm settings (PyTorch momentum 0.1 is
       flax momentum 0.9).
 
@@ -138,6 +139,7 @@ class ResNet(nn.Module):
   input_stage: Optional[str] = None
   dtype: Any = jnp.float32
   frozen_batchnorm: tuple[str, ...] = ()
+  head_init: str = "lecun"
   bn_epsilon: float = 1e-5
   bn_momentum: float = 0.9
 

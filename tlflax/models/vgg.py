@@ -43,7 +43,7 @@ class VGG(nn.Module):
     last_stage: truncate after this stage; a convolution stage is then
       globally average-pooled before the head.
     input_stage: the input is this stage's output; see `base.runs_stage`.
-    dtype, frozen_batchnorm: as declared by `base.Backbone`.
+    dtype, frozen_batchnorm, head_init: as declared by `base.Backbone`.
     bn_epsilon, bn_momentum: BatchNorm settings of the `_bn` variants.
 
   Example:
@@ -60,6 +60,7 @@ class VGG(nn.Module):
   input_stage: Optional[str] = None
   dtype: Any = jnp.float32
   frozen_batchnorm: tuple[str, ...] = ()
+  head_init: str = "lecun"
   bn_epsilon: float = 1e-5
   bn_momentum: float = 0.9
 

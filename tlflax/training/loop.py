@@ -153,11 +153,12 @@ def build_stage(config, run: Setup, stage: stages_lib.Stage, variables, mesh) ->
 
   replicated, batch_sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   # The steps: pure functions, jitted with explicit shardings; state donated.
+  # Images arrive as uint8 and are normalised inside the jitted steps.
   train_step = jax.jit(steps.make_train_step(model, tx, freezing, config.label_smoothing,
-                                             config.seed),
+                                             config.seed, train_data.device_transform()),
                        in_shardings=(replicated, batch_sharded),
                        out_shardings=(replicated, replicated), donate_argnums=0)
-  eval_step = jax.jit(steps.make_eval_step(model),
+  eval_step = jax.jit(steps.make_eval_step(model, eval_data.device_transform()),
                       in_shardings=(replicated, batch_sharded), out_shardings=replicated)
   log.info("Stage %s (%d of %d): steps %d-%d, %s\n%s", stage.name, stage.index + 1,
            len(run.stages), stage.start + 1, stage.end, "freeze " + str(stage.freeze),
@@ -233,6 +234,19 @@ def evaluate(eval_step, state, eval_data, mesh) -> dict[str, float]:
   return {"loss": totals["loss_sum"] / count, "accuracy": totals["correct"] / count}
 
 
+def check_finite(step: int, step_metrics: dict, ckpt: checkpoint.Checkpointer) -> None:
+  """Raises `NonFiniteLossError` if step `step` gave a non-finite loss or state.
+
+  Reading the metrics waits for that step to finish on the device.
+  """
+  loss = float(step_metrics["loss"])
+  if not math.isfinite(loss) or not bool(step_metrics["state_finite"]):
+    # The bad state is never saved; the last good checkpoint stays.
+    what = f"The training loss became {loss}" if not math.isfinite(loss) else (
+        "The update made parameters or BatchNorm statistics non-finite")
+    raise non_finite_error(what, step, ckpt)
+
+
 def non_finite_error(what: str, step: int, ckpt: checkpoint.Checkpointer) -> NonFiniteLossError:
   """The error of a run whose loss or state became NaN or infinite, with how to go on."""
   good = ckpt.latest_step()
@@ -304,64 +318,71 @@ def _train(config, workdir: str, run: Setup, current: StageRun, state, ckpt, wri
   step = int(state.step)
   final, stage_results = {}, {}
   last_saved = step if run.start == "resumed" else None
+  unchecked = None  # (step, metrics) of the last step whose loss was not read yet
 
   while step < run.total_steps:
     if stages_lib.stage_of_next_step(run.stages, step).index != current.stage.index:
       current, state = next_stage(config, run, current, state, mesh)
     stage = current.stage
     learning_rate = optim.schedule_fn(stage.optimizer, stage.num_steps)
-    while step < stage.end:
-      epoch, first_batch = divmod(step, per_epoch)
-      for batch in current.train_data.batches(epoch=epoch, start_batch=first_batch):
-        batch = sharding.to_global(batch, mesh)
-        new_state, step_metrics = current.train_step(state, batch)
-        loss = float(step_metrics["loss"])
-        if not math.isfinite(loss) or not bool(step_metrics["state_finite"]):
-          # The bad state is never saved; the last good checkpoint stays.
-          what = f"The training loss became {loss}" if not math.isfinite(loss) else (
-              "The update made parameters or BatchNorm statistics non-finite")
-          raise non_finite_error(what, step + 1, ckpt)
-        state, step = new_state, step + 1
-        stage_done = step == stage.end
+    # One stream of batches from this step to the stage's end, across epochs.
+    batches = sharding.prefetch_to_mesh(current.train_data.stream(step, stage.end), mesh)
+    for batch in batches:
+      epoch = step // per_epoch
+      new_state, step_metrics = current.train_step(state, batch)
+      # Step k is dispatched; reading step k-1's loss now lets the device
+      # run k while the host waits, instead of idling between steps.
+      if unchecked is not None:
+        check_finite(*unchecked, ckpt)
+      state, step = new_state, step + 1
+      unchecked = (step, step_metrics)
+      stage_done = step == stage.end
+      preempted = preemption.preemption_requested(step)
+      save_now = step % save_every == 0 or stage_done or preempted
+      if (step % config.log_every_steps == 0 or step % eval_every == 0 or save_now):
+        # A state is checked before it is logged, evaluated or saved: a bad
+        # state is never saved, and the error names its step.
+        check_finite(*unchecked, ckpt)
+        unchecked = None
 
-        if step % config.log_every_steps == 0 or stage_done:
-          values = jax.tree.map(float, step_metrics)
-          values.pop("state_finite")
-          values["images_per_second"] = progress.update(step, values)
-          values["learning_rate"] = float(learning_rate(step - 1 - stage.start))  # this update's
-          values["stage"] = float(stage.index)
-          writer.write(step, "train", values)
-        preempted = preemption.preemption_requested(step)
-        save_now = step % save_every == 0 or stage_done or preempted
-        if step % eval_every == 0 or stage_done:
-          final = evaluate(current.eval_step, state, current.eval_data, mesh)
-          writer.write(step, "eval", final)
-          log.info("step %d (stage %s) eval: %s", step, stage.name, final)
-        elif save_now:
-          # A checkpoint is kept only with a finite evaluation at its step
-          # (checked here, not logged: metrics.jsonl keeps its schedule).
-          final = evaluate(current.eval_step, state, current.eval_data, mesh)
-        if (step % eval_every == 0 or save_now) and not math.isfinite(final["loss"]):
-          raise non_finite_error(f"The evaluation loss became {final['loss']}", step, ckpt)
-        if stage_done:
-          stage_results[stage.name] = {f"eval/{k}": v for k, v in final.items()}
-          if len(run.stages) > 1:
-            save_finished_stage(config, workdir, stage, state, final)
-        if save_now:
-          ckpt.save(step, state, extra={"epoch": epoch, "stage": stage.name,
-                                        "stage_start": stage.start},
-                    metrics={f"eval/{k}": v for k, v in final.items()} or None)
-          last_saved = step
-        if preempted:
-          name = preemption.received_signal() or "SIGTERM"
-          log.warning("%s: saved step %d (stage %s) in %s; run the same command again to "
-                      "resume.", "Interrupted" if name == "SIGINT" else "Preempted", step,
-                      stage.name, workdir)
-          ckpt.wait()
-          return {"step": step, "preempted": True, "signal": name, "start": run.start,
-                  "stage": stage.name}
-        if step >= stage.end:
-          break
+      if step % config.log_every_steps == 0 or stage_done:
+        values = jax.tree.map(float, step_metrics)
+        values.pop("state_finite")
+        values["images_per_second"] = progress.update(step, values)
+        values["learning_rate"] = float(learning_rate(step - 1 - stage.start))  # this update's
+        values["stage"] = float(stage.index)
+        writer.write(step, "train", values)
+      if step % eval_every == 0 or stage_done:
+        final = evaluate(current.eval_step, state, current.eval_data, mesh)
+        writer.write(step, "eval", final)
+        log.info("step %d (stage %s) eval: %s", step, stage.name, final)
+      elif save_now:
+        # A checkpoint is kept only with a finite evaluation at its step
+        # (checked here, not logged: metrics.jsonl keeps its schedule).
+        final = evaluate(current.eval_step, state, current.eval_data, mesh)
+      if (step % eval_every == 0 or save_now) and not math.isfinite(final["loss"]):
+        raise non_finite_error(f"The evaluation loss became {final['loss']}", step, ckpt)
+      if stage_done:
+        stage_results[stage.name] = {f"eval/{k}": v for k, v in final.items()}
+        if len(run.stages) > 1:
+          save_finished_stage(config, workdir, stage, state, final)
+      if save_now:
+        ckpt.save(step, state, extra={"epoch": epoch, "stage": stage.name,
+                                      "stage_start": stage.start},
+                  metrics={f"eval/{k}": v for k, v in final.items()} or None)
+        last_saved = step
+      if preempted:
+        name = preemption.received_signal() or "SIGTERM"
+        log.warning("%s: saved step %d (stage %s) in %s; run the same command again to "
+                    "resume.", "Interrupted" if name == "SIGINT" else "Preempted", step,
+                    stage.name, workdir)
+        ckpt.wait()
+        return {"step": step, "preempted": True, "signal": name, "start": run.start,
+                "stage": stage.name}
+      if step >= stage.end:
+        break
+  if unchecked is not None:
+    check_finite(*unchecked, ckpt)
   if last_saved != step:
     final = evaluate(current.eval_step, state, current.eval_data, mesh)
     if not math.isfinite(final["loss"]):

@@ -126,6 +126,14 @@ class CachedDataset(pipeline.Dataset):
       batch["mask"] = real.astype(np.float32)
     return batch
 
+  def device_transform(self):
+    """Cached features enter the step as they are (they were computed from normalised images)."""
+    return _unchanged
+
+
+def _unchanged(x):
+  return x
+
 
 def cached_dataset(dataset: pipeline.Dataset, features: np.ndarray,
                    labels: np.ndarray) -> CachedDataset:
@@ -133,6 +141,7 @@ def cached_dataset(dataset: pipeline.Dataset, features: np.ndarray,
   if len(features) != dataset.num_examples:
     raise ValueError(f"The cache has {len(features)} rows for {dataset.num_examples} examples.")
   fields = {f.name: getattr(dataset, f.name) for f in dataclasses.fields(pipeline.Dataset)}
+  fields["num_workers"] = 0  # rows of an array: nothing to decode in other processes
   return CachedDataset(**fields, features=features, cached_labels=np.asarray(labels, np.int32))
 
 
@@ -186,13 +195,14 @@ def prefix_outputs(model_name: str, model, variables, dataset: pipeline.Dataset,
       break
   part = model.clone(input_stage=start, last_stage=stage, num_classes=None,
                      frozen_batchnorm=(".*",))
-  run = jax.jit(lambda x: models.extract_features(part, variables, x, [stage])[stage])
   if start is None:
     source = images
   else:
     earlier = np.load(os.path.join(directory, keys[start], "features.npy"), mmap_mode="r")
     source = cached_dataset(images, earlier,
                             np.load(os.path.join(directory, keys[start], "labels.npy")))
+  prepare = source.device_transform()  # uint8 images are normalised; features pass
+  run = jax.jit(lambda x: models.extract_features(part, variables, prepare(x), [stage])[stage])
   log.info("Prefix cache: computing %s outputs of the %s split from %s", stage, split,
            start or "the images")
   outputs, labels = [], []
@@ -203,7 +213,7 @@ def prefix_outputs(model_name: str, model, variables, dataset: pipeline.Dataset,
                    unit="batch", leave=False)
   for batch in batches:
     real = batch["mask"] > 0
-    outputs.append(np.asarray(run(jnp.asarray(batch["image"])), np.float32)[real])
+    outputs.append(np.asarray(run(batch["image"]), np.float32)[real])
     labels.append(batch["label"][real])
   features, labels = np.concatenate(outputs), np.concatenate(labels).astype(np.int32)
   _write(path, features, labels, {"model": model_name, "stage": stage, "split": split,

@@ -262,15 +262,47 @@ def _name_weights(layer_name: str, weights: list, kind) -> list[tuple[np.ndarray
   names, and the published VGG files keep Keras 1's ("block1_conv1_W_1:0").
   """
   known = [keras_name for keras_name, _, _ in kind]
-  if len(weights) not in _ALLOWED_COUNTS[kind]:
+  # A kind not listed in _ALLOWED_COUNTS (a family's own) has all its variables.
+  allowed = _ALLOWED_COUNTS.get(kind, (len(kind),))
+  if len(weights) not in allowed:
     raise WeightsError(f"Keras layer {layer_name!r} has {len(weights)} weights; "
-                       f"expected {' or '.join(map(str, _ALLOWED_COUNTS[kind]))} "
+                       f"expected {' or '.join(map(str, allowed))} "
                        f"({', '.join(known)}).")
   names = [keras_name for keras_name, _ in weights]
   if not (set(names) <= set(known) and len(set(names)) == len(names)):
     names = known[:len(weights)]
   return [(value, *kind[known.index(keras_name)][1:])
           for keras_name, (_, value) in zip(names, weights)]
+
+
+def number_by_creation(keras_layers: dict[str, list], base_names) -> dict[str, list]:
+  """Renames Keras' automatically named layers `<base>_0, <base>_1, ...` in creation order.
+
+  keras.applications leaves some layers unnamed (InceptionV3's convolutions,
+  Xception's shortcuts); Keras then calls them `conv2d`, `conv2d_1`, ... in
+  the order they are created, counting every such layer made earlier in the
+  session (a second model starts at `conv2d_94`, and the published Keras 2
+  files at `conv2d_1`). Sorting by that number and renaming by rank gives
+  every file the same names, which a family's positional table maps.
+
+  Args:
+    keras_layers: from `read_keras_file`.
+    base_names: Keras' base names, e.g. ("conv2d", "batch_normalization").
+
+  Returns:
+    The same layers, the automatically named ones renamed, the others kept.
+
+  Example:
+    >>> sorted(number_by_creation({"conv2d_95": [], "conv2d_94": []}, ["conv2d"]))
+    ['conv2d_0', 'conv2d_1']
+  """
+  renamed = {}
+  for base in base_names:
+    pattern = re.compile(rf"{re.escape(base)}(?:_(\d+))?")
+    numbered = sorted((int(m.group(1) or 0), name) for name in keras_layers
+                      if (m := pattern.fullmatch(name)))
+    renamed.update({name: f"{base}_{rank}" for rank, (_, name) in enumerate(numbered)})
+  return {renamed.get(name, name): weights for name, weights in keras_layers.items()}
 
 
 def convert(model_name: str, path: str) -> dict[str, np.ndarray]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any
 
@@ -13,7 +14,19 @@ from tlflax.weights.merge import WeightsError, check_fits
 SOURCES = ("torchvision", "timm", "keras", "tlflax")
 
 def convert_to_flat(model_name: str, path: str, source: str) -> dict[str, Any]:
-  """Reads a file of `source` and returns flat `{"params/...": array}` in our names."""
+  """Reads a file of `source` and returns flat `{"params/...": array}` in our names.
+
+  The first families (ResNets, VGGs) have a name table in each source's
+  module; every later family (`tlflax.models.registry.FAMILIES`) keeps its
+  tables, one per source, in `tlflax/weights/<family>.py`, whose
+  `convert(model_name, path, source)` is called instead. tlflax checkpoints
+  are read the same way for every family.
+  """
+  family = models.registry.family_of(models.get_model(model_name))
+  if family is not None and source != "tlflax":
+    if source not in SOURCES:
+      raise WeightsError(f"Unknown weight source {source!r}; use one of {', '.join(SOURCES)}.")
+    return importlib.import_module(f"tlflax.weights.{family}").convert(model_name, path, source)
   if source == "torchvision":
     from tlflax.weights import torchvision as reader  # pylint: disable=import-outside-toplevel
   elif source == "timm":
@@ -40,7 +53,9 @@ def load(model_name: str, path: str | os.PathLike, source: str | None = None,
       registry id, whose entry names its source.
     **model_options: options of the model the weights must fit. A VGG file
       without its dense layers (Keras `include_top=False`) is read as
-      `last_stage="stage5"`.
+      `last_stage="stage5"`. A ViT takes `image_size=`: its position
+      embeddings are resampled to that size's patch grid (without it, the
+      model is built for the size the file was trained at).
 
   Returns:
     `{"params": ..., "batch_stats": ...}` shaped exactly like `model.init` of
@@ -70,6 +85,13 @@ def load(model_name: str, path: str | os.PathLike, source: str | None = None,
   if source not in SOURCES:
     raise WeightsError(f"Unknown weight source {source!r}; use one of {', '.join(SOURCES)}.")
   flat = convert_to_flat(model_name, path, source)
+  # A family may fit the weights to the model options (a ViT's position
+  # embeddings resampled to `image_size`, or `image_size` read from them).
+  family = models.registry.family_of(models.get_model(model_name))
+  fit_weights = family and getattr(importlib.import_module(f"tlflax.weights.{family}"),
+                                   "fit_weights", None)
+  if fit_weights:
+    flat, model_options = fit_weights(model_name, flat, model_options)
   head = flat.get("params/head/kernel")
   if head is None and "fc" in models.get_model(model_name).stage_names:
     if not any(k.startswith("params/fc/") for k in flat):

@@ -25,7 +25,13 @@ class WeightsError(ValueError):
 
 
 def model_shapes(model, image_size: int = 32) -> dict[str, tuple[int, ...]]:
-  """Shapes of every variable `model.init` creates, without computing anything."""
+  """Shapes of every variable `model.init` creates, without computing anything.
+
+  A model whose class declares `min_input_size` (InceptionV3's unpadded
+  convolutions need 75 px) is traced at least at that size; the variables'
+  shapes do not depend on it.
+  """
+  image_size = max(image_size, getattr(model, "min_input_size", 0))
   variables = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3))))
   return tree.shapes(variables)

@@ -69,7 +69,8 @@ def names_for(model) -> tuple[tuple[str, str], ...]:
 
 
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], model,
-                       transforms: Mapping[str, Callable] | None = None) -> dict[str, np.ndarray]:
+                       transforms: Mapping[str, Callable] | None = None,
+                       names: tuple[tuple[str, str], ...] | None = None) -> dict[str, np.ndarray]:
   """Renames and reshapes a torchvision-layout state dict for `model`.
 
   Args:
@@ -77,11 +78,14 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model,
     model: the tlflax module the weights are for (selects the name table).
     transforms: extra `{our kernel path: fn(torch weight) -> kernel}`, e.g.
       VGG's first dense layer, whose inputs are flattened in another order.
+    names: the `(regex, our path template)` table to use instead of the
+      model's own (the families in `tlflax/weights/<family>.py` pass theirs).
 
   Returns:
     Flat `{"params/stage1/block1/conv1/kernel": array, ...}`.
   """
-  table = [(re.compile(pattern), template) for pattern, template in names_for(model)]
+  table = [(re.compile(pattern), template)
+           for pattern, template in (names if names is not None else names_for(model))]
   transforms = dict(transforms or {})
   flat, unknown = {}, []
   for key, value in state_dict.items():
