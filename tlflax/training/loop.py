@@ -379,8 +379,6 @@ def _train(config, workdir: str, run: Setup, current: StageRun, state, ckpt, wri
         ckpt.wait()
         return {"step": step, "preempted": True, "signal": name, "start": run.start,
                 "stage": stage.name}
-      if step >= stage.end:
-        break
   if unchecked is not None:
     check_finite(*unchecked, ckpt)
   if last_saved != step:
