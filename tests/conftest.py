@@ -110,3 +110,38 @@ def float32_conditioning(model, variables, images) -> float:
   with jax.enable_x64(True):
     float64 = run(jnp.float64)
   return relative_error(float32, float64)
+
+
+def report_parity(name: str, library: str, **figures) -> None:
+  """Prints one parity test's figures, and logs them for `experiments/parity_table.py`.
+
+  Args:
+    name: the tlflax model name.
+    library: the reference it was compared with ("torchvision", "timm", "keras").
+    **figures: relative errors and bounds (inference32, inference64, train32,
+      train32_bound, train64), or `parameters`.
+
+  With TLFLAX_PARITY_LOG=FILE set, one JSON line is appended to FILE, so a run
+  of the parity tests (`pytest -m "slow or not slow" -k parity`) leaves the
+  table of every name; unset, nothing is written. Each line names the CPU
+  setting it ran under (`cpu_setting`), so runs under imitated CPUs (.ci/run)
+  can share one file.
+  """
+  import json  # pylint: disable=import-outside-toplevel
+  print(f"\nPARITY {name} ({library}): " + ", ".join(
+      f"{key} {value:.2e}" if isinstance(value, float) else f"{key} {value}"
+      for key, value in figures.items()))
+  log = os.environ.get("TLFLAX_PARITY_LOG")
+  if log:
+    with open(log, "a", encoding="utf-8") as f:
+      record = {"name": name, "library": library, "cpu": cpu_setting(), **figures}
+      f.write(json.dumps(record) + "\n")
+
+
+def cpu_setting() -> str:
+  """The imitated CPU this process runs as: "native", or the limits set (see .ci/run)."""
+  limits = ["xla " + f.split("=", 1)[1] for f in os.environ.get("XLA_FLAGS", "").split()
+            if f.startswith("--xla_cpu_max_isa=")]
+  if os.environ.get("ATEN_CPU_CAPABILITY"):
+    limits.append(f"aten {os.environ['ATEN_CPU_CAPABILITY']}")
+  return ", ".join(limits) or "native"

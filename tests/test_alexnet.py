@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 from conftest import (FLOAT64_TOLERANCE, INFERENCE_TOLERANCE, float32_train_bound,
-                      relative_error)
+                      relative_error, report_parity)
 from test_torchvision_parity import no_dropout, run_in_float64, to_nhwc
 from tlflax import freeze, models, weights
 from tlflax.weights import registry
@@ -59,7 +59,7 @@ def test_torchvision_parity(alexnet_file, variables):
                                            exact)
       if train:
         errors["train32_bound"] = float32_train_bound(relative_error(expected32, exact))
-  print(f"parity alexnet: {errors}")
+  report_parity("alexnet", "torchvision", **errors)
   assert errors["inference32"] < INFERENCE_TOLERANCE
   assert errors["inference64"] < FLOAT64_TOLERANCE
   assert errors["train32"] < errors["train32_bound"]

@@ -16,7 +16,7 @@ import torch
 import torchvision
 
 from conftest import (FLOAT64_TOLERANCE, INFERENCE_TOLERANCE, float32_train_bound,
-                      relative_error)
+                      relative_error, report_parity)
 from test_torchvision_parity import run_in_float64, to_nhwc
 from tlflax import freeze, models, weights
 from tlflax.models import convnext
@@ -87,11 +87,11 @@ def parity_errors(reference, model, variables):
                                            exact)
       if train:
         errors["train32_bound"] = float32_train_bound(relative_error(expected32, exact))
-  print(f"parity {type(reference).__module__}: {errors}")
   return errors
 
 
-def assert_parity(errors):
+def assert_parity(errors, name, library):
+  report_parity(name, library, **errors)
   assert errors["inference32"] < INFERENCE_TOLERANCE
   assert errors["inference64"] < FLOAT64_TOLERANCE
   assert errors["train32"] < errors["train32_bound"]
@@ -113,7 +113,8 @@ def fixture_tiny_variables(tiny_file):
 
 
 def test_torchvision_tiny_parity(tiny_file, tiny_variables):
-  assert_parity(parity_errors(tiny_file[0], models.get_model("convnext_tiny"), tiny_variables))
+  assert_parity(parity_errors(tiny_file[0], models.get_model("convnext_tiny"), tiny_variables),
+                "convnext_tiny", "torchvision")
 
 
 @pytest.mark.parametrize("name", [p for p in PARAMETRIZED if p != "convnext_tiny"])
@@ -122,7 +123,7 @@ def test_torchvision_parity(name, tmp_path):
   path = tmp_path / f"{name}.pth"
   torch.save(reference.state_dict(), path)
   variables = weights.load(name, path, source="torchvision")
-  assert_parity(parity_errors(reference, models.get_model(name), variables))
+  assert_parity(parity_errors(reference, models.get_model(name), variables), name, "torchvision")
 
 
 @SLOW  # the torchvision parity of convnext_tiny runs by default; timm differs only in names
@@ -132,7 +133,8 @@ def test_timm_safetensors_parity(name, tmp_path):
   path = tmp_path / "model.safetensors"
   save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
   variables = weights.load(name, path, source="timm")
-  assert_parity(parity_errors(reference, models.get_model(name, num_classes=12), variables))
+  assert_parity(parity_errors(reference, models.get_model(name, num_classes=12), variables),
+                name, "timm")
 
 
 @pytest.mark.parametrize("name", PARAMETRIZED)

@@ -105,7 +105,7 @@ def compiled_flops(function, *args):
   return float(analysis["flops"])
 
 
-@pytest.mark.parametrize("name", ["resnet18", "vgg11_bn"])
+@pytest.mark.parametrize("name", ["resnet18", pytest.param("vgg11_bn", marks=pytest.mark.slow)])
 def test_flops_fall_with_freeze_depth_and_head_only_costs_a_forward(name):
   """XLA's own cost analysis of the compiled steps."""
   model, _, _, state, batch = setup(name, "none", size=32)

@@ -20,7 +20,7 @@ import timm
 from timm.layers import resample_abs_pos_embed
 
 from conftest import (FLOAT64_TOLERANCE, INFERENCE_TOLERANCE, float32_train_bound,
-                      relative_error)
+                      relative_error, report_parity)
 from test_torchvision_parity import no_dropout, run_in_float64, to_nhwc
 from tlflax import build, defaults, freeze, models, weights
 from tlflax.data.images import Preprocessing
@@ -135,8 +135,8 @@ def assert_parity(reference, model_name, path, source, size=SIZE, **options):
   bound = float32_train_bound(relative_error(expected, exact))
   train_error64 = relative_error(run_in_float64(model, variables, images, train=True), exact)
   assert train_error < bound and train_error64 < FLOAT64_TOLERANCE
-  print(f"\nPARITY {model_name} {source}: float32 {error:.2e}, float64 {error64:.2e}, "
-        f"train float32 {train_error:.2e} (bound {bound:.2e}), train float64 {train_error64:.2e}")
+  report_parity(model_name, source, inference32=error, inference64=error64, train32=train_error,
+                train32_bound=bound, train64=train_error64)
 
 
 def check_layer_shapes(model_name, reference, source):

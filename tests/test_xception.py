@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import (FLOAT64_TOLERANCE, INFERENCE_TOLERANCE, float32_conditioning,
-                      float32_train_bound, relative_error)
+                      float32_train_bound, relative_error, report_parity)
 from test_inception import (apply_in_float64, apply_jit, count_parameters, random_variables)
 from test_keras_parity import (build_keras, keras_train_mode, load_all_layouts,
                                save_all_layouts, save_applications_layout)
@@ -87,7 +87,7 @@ def test_timm_inference_parity(timm_file):
   reference.float()
   error = relative_error(apply_jit(model, variables, to_nhwc(images)), expected)
   error64 = relative_error(apply_in_float64(model, variables, images), exact)
-  print(f"legacy_xception inference: float32 {error:.2e}, float64 {error64:.2e}")
+  report_parity("legacy_xception", "timm", inference32=error, inference64=error64)
   assert error < INFERENCE_TOLERANCE and error64 < FLOAT64_TOLERANCE
   # Keras' padding on timm's weights misses by more than the tolerance: the
   # parity check sees the padding, not only the weights.
@@ -111,7 +111,7 @@ def test_timm_train_mode_parity(timm_file):
   bound = float32_train_bound(relative_error(expected32, exact))
   error = relative_error(apply_jit(model, variables, to_nhwc(images), train=True), exact)
   error64 = relative_error(apply_in_float64(model, variables, images, train=True), exact)
-  print(f"legacy_xception train: float32 {error:.2e} (bound {bound:.2e}), float64 {error64:.2e}")
+  report_parity("legacy_xception", "timm", train32=error, train32_bound=bound, train64=error64)
   assert error < bound and error64 < FLOAT64_TOLERANCE
 
 
@@ -154,7 +154,7 @@ def test_keras_inference_parity_in_every_layout(keras_files):
   variables = load_all_layouts("keras_xception", paths)
   error = relative_error(apply_jit(model, variables, images),
                          np.asarray(first(images, training=False)))
-  print(f"keras_xception inference float32: {error:.2e}")
+  report_parity("keras_xception", "keras", inference32=error)
   assert error < INFERENCE_TOLERANCE
   # The shortcuts are unnamed: the second model's carry later numbers.
   with h5py.File(second_path, "r") as f:
@@ -176,7 +176,7 @@ def test_keras_train_mode_parity(keras_files, monkeypatch):
   # Keras cannot run in float64; our own float32 error stands in for its own.
   bound = float32_train_bound(float32_conditioning(model, variables, images))
   error = relative_error(apply_jit(model, variables, images, train=True), expected)
-  print(f"keras_xception train float32: {error:.2e} (bound {bound:.2e})")
+  report_parity("keras_xception", "keras", train32=error, train32_bound=bound)
   assert error < bound
 
 
