@@ -29,7 +29,6 @@ from test_torchvision_parity import (assert_inference_parity_in_float64,
 from tlflax import freeze, models, tree, weights
 from tlflax.data import images as images_lib
 from tlflax.data.images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from tlflax.models import efficientnet
 from tlflax.weights import WeightsError, registry
 from tlflax.weights import efficientnet as efficientnet_weights
 

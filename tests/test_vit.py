@@ -7,7 +7,6 @@ image size except through the number of tokens.
 """
 
 import functools
-import importlib.util
 import os
 
 import jax
