@@ -119,7 +119,7 @@ def report_parity(name: str, library: str, **figures) -> None:
     name: the tlflax model name.
     library: the reference it was compared with ("torchvision", "timm", "keras").
     **figures: relative errors and bounds (inference32, inference64, train32,
-      train32_bound, train64), or `parameters`.
+      train32_bound, train64); a test reports those it measures.
 
   With TLFLAX_PARITY_LOG=FILE set, one JSON line is appended to FILE, so a run
   of the parity tests (`pytest -m "slow or not slow" -k parity`) leaves the

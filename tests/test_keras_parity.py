@@ -95,13 +95,20 @@ def save_applications_layout(model, path, keras1_names=False):
         group.create_dataset(name, data=np.asarray(variable))
 
 
+def layout_savers(model):
+  """{layout: (file name, function saving `model` to a path)} for every layout."""
+  return {"keras3": ("model.weights.h5", model.save_weights),
+          "legacy": ("model.h5", model.save),  # whole-model file: weights under "model_weights"
+          "keras2_applications": ("applications.h5",
+                                  lambda path: save_applications_layout(model, path))}
+
+
 def save_all_layouts(model, directory, keras1_names=False):
   """Saves `model` in every layout (Keras 1 names for VGGs); returns {layout: path}."""
-  paths = {"keras3": directory / "model.weights.h5", "legacy": directory / "model.h5",
-           "keras2_applications": directory / "applications.h5"}
-  model.save_weights(paths["keras3"])
-  model.save(paths["legacy"])  # whole-model file: weights under "model_weights"
-  save_applications_layout(model, paths["keras2_applications"])
+  paths = {}
+  for layout, (filename, save) in layout_savers(model).items():
+    paths[layout] = directory / filename
+    save(paths[layout])
   if keras1_names:
     paths["keras1_applications"] = directory / "applications_keras1.h5"
     save_applications_layout(model, paths["keras1_applications"], keras1_names=True)
@@ -128,12 +135,8 @@ def load_each_layout_in_turn(name, model, directory, **options):
   the next is written, so a large network (EfficientNet-B7: 260 MB a file)
   never holds more than one file on a CI machine's disk.
   """
-  savers = {"keras3": ("model.weights.h5", model.save_weights),
-            "legacy": ("model.h5", model.save),
-            "keras2_applications": ("applications.h5",
-                                    lambda path: save_applications_layout(model, path))}
   first, variables = None, None
-  for layout, (filename, save) in savers.items():
+  for layout, (filename, save) in layout_savers(model).items():
     path = directory / filename
     save(path)
     loaded = weights.load(name, path, source="keras", **options)
