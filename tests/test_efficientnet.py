@@ -5,9 +5,10 @@ with random BatchNorm statistics: inference in float32 (INFERENCE_TOLERANCE)
 and, for torchvision, in float64 (FLOAT64_TOLERANCE); training mode (batch
 statistics, dropout and stochastic depth off on both sides) within
 `float32_train_bound`. torchvision's b0 runs by default; every other
-variant, Keras' b0 included, is marked slow (CI runs both sets). Inputs are 32 px (torchvision: every stage still
-sees at least a 1x1 map) and 40 px for Keras, whose stride-2 paddings then
-meet even (40, 20, 10) and odd (5, 3) maps, the two cases of `correct_pad`.
+variant, Keras' b0 included, is marked slow (CI runs both sets). Inputs are
+32 px (torchvision: every stage still sees at least a 1x1 map) and 40 px for
+Keras, whose stride-2 paddings then meet even (40, 20, 10) and odd (5, 3)
+maps, the two cases of `correct_pad`.
 """
 
 import os
