@@ -43,6 +43,24 @@ def shared_data(*parts: str) -> pathlib.Path:
   return path
 
 
+def by_run_set(names, default=(), slow=()):
+  """`names` as parameters of one test, each marked with the run set it belongs to.
+
+  Names in `default` run in the README test command, those in `slow` in
+  `pytest -m slow` (CI runs both). Every other name is a further size of a
+  family the first two sets already cover, built by the same code from other
+  depths and widths: it runs in `pytest -m every_size` (the parity table's
+  run, see the README), which CI leaves out for time.
+  """
+  def marks(name):
+    if name in default:
+      return ()
+    return (pytest.mark.slow,) if name in slow else (pytest.mark.every_size,)
+  unknown = (set(default) | set(slow)) - set(names)
+  assert not unknown, f"not among the names: {sorted(unknown)}"
+  return [pytest.param(name, marks=marks(name)) for name in names]
+
+
 def metric_lines(workdir) -> dict:
   """A run's metrics.jsonl as {(step, split): line}."""
   from tlflax.training import metrics

@@ -15,8 +15,8 @@ import pytest
 import torch
 import torchvision
 
-from conftest import (FLOAT64_TOLERANCE, INFERENCE_TOLERANCE, float32_train_bound,
-                      relative_error, report_parity)
+from conftest import (FLOAT64_TOLERANCE, INFERENCE_TOLERANCE, by_run_set,
+                      float32_train_bound, relative_error, report_parity)
 from test_torchvision_parity import run_in_float64, to_nhwc
 from tlflax import freeze, models, weights
 from tlflax.models import convnext
@@ -28,10 +28,11 @@ from safetensors.torch import save_file  # pylint: disable=wrong-import-position
 
 SIZE = 32
 NAMES = ("convnext_tiny", "convnext_small", "convnext_base", "convnext_large")
-# The larger sizes take 10-60 s each (their 27-block stage 3, and up to 200M
-# parameters saved, read and run twice): `pytest -m slow`.
+# The larger sizes take 10-90 s each (their 27-block stage 3, and up to 200M
+# parameters saved, read and run twice) and repeat the blocks of the tiny one:
+# their parity runs in `pytest -m every_size`, their parameter counts (shapes
+# only) in the slow set.
 SLOW = pytest.mark.slow
-PARAMETRIZED = [n if n == "convnext_tiny" else pytest.param(n, marks=SLOW) for n in NAMES]
 
 
 def randomize_convnext(module: torch.nn.Module, seed: int = 0) -> None:
@@ -117,7 +118,7 @@ def test_torchvision_tiny_parity(tiny_file, tiny_variables):
                 "convnext_tiny", "torchvision")
 
 
-@pytest.mark.parametrize("name", [p for p in PARAMETRIZED if p != "convnext_tiny"])
+@pytest.mark.parametrize("name", by_run_set(NAMES[1:]))
 def test_torchvision_parity(name, tmp_path):
   reference = torchvision_reference(name)
   path = tmp_path / f"{name}.pth"
@@ -126,8 +127,8 @@ def test_torchvision_parity(name, tmp_path):
   assert_parity(parity_errors(reference, models.get_model(name), variables), name, "torchvision")
 
 
-@SLOW  # the torchvision parity of convnext_tiny runs by default; timm differs only in names
-@pytest.mark.parametrize("name", NAMES)
+# The torchvision parity of convnext_tiny runs by default; timm differs only in names.
+@pytest.mark.parametrize("name", by_run_set(NAMES, slow=NAMES[:1]))
 def test_timm_safetensors_parity(name, tmp_path):
   reference = timm_reference(name, num_classes=12)
   path = tmp_path / "model.safetensors"
@@ -137,7 +138,7 @@ def test_timm_safetensors_parity(name, tmp_path):
                 name, "timm")
 
 
-@pytest.mark.parametrize("name", PARAMETRIZED)
+@pytest.mark.parametrize("name", by_run_set(NAMES, default=NAMES[:1], slow=NAMES[1:]))
 def test_parameter_counts_equal_the_originals(name):
   with torch.device("meta"):  # shapes only: nothing is allocated or initialised
     counts = {sum(p.numel() for p in getattr(torchvision.models, name)().parameters()),

@@ -4,8 +4,8 @@ Every model name is compared with its reference library on random weights
 with random BatchNorm statistics: inference in float32 (INFERENCE_TOLERANCE)
 and, for torchvision, in float64 (FLOAT64_TOLERANCE); training mode (batch
 statistics, dropout and stochastic depth off on both sides) within
-`float32_train_bound`. torchvision's b0 runs by default; every other
-variant, Keras' b0 included, is marked slow (CI runs both sets). Inputs are
+`float32_train_bound`. torchvision's b0 runs by default, v2-S and Keras' b0
+in the slow set (CI runs both), the other sizes with `-m every_size`. Inputs are
 32 px (torchvision: every stage still sees at least a 1x1 map) and 40 px for
 Keras, whose stride-2 paddings then meet even (40, 20, 10) and odd (5, 3)
 maps, the two cases of `correct_pad`.
@@ -21,8 +21,8 @@ import pytest
 import torch
 import torchvision
 
-from conftest import (INFERENCE_TOLERANCE, float32_conditioning, float32_train_bound,
-                      relative_error, report_parity)
+from conftest import (INFERENCE_TOLERANCE, by_run_set, float32_conditioning,
+                      float32_train_bound, relative_error, report_parity)
 from test_keras_parity import (build_keras, keras_train_mode, load_each_layout_in_turn,
                                max_leaf_error)
 from test_torchvision_parity import (assert_inference_parity_in_float64,
@@ -39,9 +39,11 @@ pytestmark = pytest.mark.filterwarnings(
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_SIZE = 32
 KERAS_SIZE = 40
-# The README test command runs torchvision's b0; v2 and Keras' files (two
-# minutes each on 2 cores) run in the slow set, which CI runs after it.
+# The README test command runs torchvision's b0; the slow set v2-S (fused
+# blocks) and Keras' b0 (two minutes each on 2 cores); b1-b7, v2-M and v2-L
+# scale the same blocks (`pytest -m every_size`).
 DEFAULT_RUN = ("efficientnet_b0",)
+SLOW_RUN = ("efficientnet_v2_s", "keras_efficientnet_b0")
 TORCHVISION_NAMES = [f"efficientnet_b{i}" for i in range(8)] + [
     "efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l"]
 KERAS_NAMES = [f"keras_efficientnet_b{i}" for i in range(8)]
@@ -49,10 +51,6 @@ KERAS_NAMES = [f"keras_efficientnet_b{i}" for i in range(8)]
 # once set as the published files have it (see weights/efficientnet.py).
 IMAGENET_NORMALIZATION = [np.asarray(IMAGENET_MEAN, np.float32),
                           np.asarray(IMAGENET_STD, np.float32) ** 2, np.asarray(1, np.int32)]
-
-
-def slow_unless_default(names):
-  return [pytest.param(n, marks=() if n in DEFAULT_RUN else pytest.mark.slow) for n in names]
 
 
 def parameter_count(model, collection="params"):
@@ -106,7 +104,7 @@ def fixture_b0_file(tmp_path_factory):
 # torchvision parity
 # ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", slow_unless_default(TORCHVISION_NAMES))
+@pytest.mark.parametrize("name", by_run_set(TORCHVISION_NAMES, DEFAULT_RUN, SLOW_RUN[:1]))
 def test_torchvision_parity(name, tmp_path, b0_file):
   if name == "efficientnet_b0":
     reference, path = b0_file
@@ -143,7 +141,7 @@ def test_batchnorm_settings_are_torchvisions(name):
 # Keras parity
 # ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", slow_unless_default(KERAS_NAMES))
+@pytest.mark.parametrize("name", by_run_set(KERAS_NAMES, slow=SLOW_RUN[1:]))
 def test_keras_parity(name, tmp_path, monkeypatch):
   reference = keras_reference(name, classes=10)
   # By type: a second model of the session numbers it normalization_1.

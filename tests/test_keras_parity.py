@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 from keras.src import backend as keras_backend
 
-from conftest import INFERENCE_TOLERANCE, float32_conditioning, float32_train_bound, relative_error
+from conftest import (INFERENCE_TOLERANCE, by_run_set, float32_conditioning, float32_train_bound,
+                      relative_error)
 from tlflax import models, weights
 from tlflax import tree
 from tlflax.weights import WeightsError, merge
@@ -181,10 +182,10 @@ def max_leaf_error(actual_tree, expected_tree):
 # Parity
 # ----------------------------------------------------------------------------
 
-# keras_resnet50 and 50v2 by default; the deeper ones repeat their blocks (slow set).
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=() if n.startswith("keras_resnet50") else pytest.mark.slow)
-    for n in sorted(KERAS_RESNETS)])
+# keras_resnet50 and 50v2 by default; the deeper ones repeat their blocks
+# (`pytest -m every_size`).
+@pytest.mark.parametrize("name", by_run_set(sorted(KERAS_RESNETS),
+                                            default=("keras_resnet50", "keras_resnet50v2")))
 def test_keras_resnet_parity(name, tmp_path, monkeypatch):
   reference = build_keras(KERAS_RESNETS[name], classes=CLASSES,
                           input_shape=(RESNET_SIZE, RESNET_SIZE, 3))

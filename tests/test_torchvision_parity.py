@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import (FLOAT64_TOLERANCE, INFERENCE_TOLERANCE, float32_train_bound,
+from conftest import (FLOAT64_TOLERANCE, INFERENCE_TOLERANCE, by_run_set, float32_train_bound,
                       relative_error)
 from tlflax import models, weights
 
@@ -46,16 +46,15 @@ def to_nhwc(x: np.ndarray) -> jnp.ndarray:
   return jnp.asarray(x.transpose(0, 2, 3, 1))
 
 
-# The README test command keeps one network of each kind (the deepest and
-# widest ResNets and the middle VGGs repeat their blocks); the rest run in the
-# slow set, which CI runs after it.
+# The README test command keeps one network of each kind, the slow set the
+# widened ResNet; the deeper ResNets and the middle VGGs repeat the same blocks
+# (`pytest -m every_size`).
 DEFAULT_RUN = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d", "vgg11", "vgg11_bn",
                "vgg16_bn")
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=() if n in DEFAULT_RUN else pytest.mark.slow)
-    for n in sorted(TORCHVISION_MODELS)])
+@pytest.mark.parametrize("name", by_run_set(sorted(TORCHVISION_MODELS), default=DEFAULT_RUN,
+                                            slow=("wide_resnet50_2",)))
 def test_torchvision_parity(name, tmp_path):
   torch.manual_seed(0)
   reference = getattr(torchvision.models, name)()

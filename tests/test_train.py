@@ -226,7 +226,7 @@ def test_weights_that_do_not_fit(tmp_path):
     training.train_and_evaluate(config, str(tmp_path / "run"))
 
 
-@pytest.mark.slow  # 5 minutes: run by `pytest -m slow` (and by CI)
+@pytest.mark.slow  # 5-10 minutes: run by `pytest -m slow` (and by CI)
 def test_demo_conclusion_holds_beyond_its_spread(tmp_path):
   """The README's demo, as a user runs it: its conclusion, beyond its spread.
 

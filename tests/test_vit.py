@@ -18,8 +18,8 @@ import torchvision
 import timm
 from timm.layers import resample_abs_pos_embed
 
-from conftest import (FLOAT64_TOLERANCE, INFERENCE_TOLERANCE, float32_train_bound,
-                      relative_error, report_parity)
+from conftest import (FLOAT64_TOLERANCE, INFERENCE_TOLERANCE, by_run_set,
+                      float32_train_bound, relative_error, report_parity)
 from test_torchvision_parity import no_dropout, run_in_float64, to_nhwc
 from tlflax import build, defaults, freeze, models, weights
 from tlflax.data.images import Preprocessing
@@ -46,7 +46,8 @@ SHAPES = {
 SIZE = 32
 # The default run's ViT: torchvision's and timm's own classes at a small width
 # (8 blocks, 2 per stage; patch 8 -> a 4x4 grid at 32 px), registered as
-# "vit_test" for these tests. The published sizes are tested in the slow run.
+# "vit_test" for these tests. The published sizes are tested in the slow and
+# every_size sets.
 SMALL = dict(patch_size=8, hidden_size=32, depth=8, num_heads=2, mlp_dim=64)
 
 
@@ -174,16 +175,16 @@ def test_torchvision_vision_transformer_parity(tmp_path):
   assert_parity(reference.eval(), "vit_test", tmp_path / "vit.pth", "torchvision")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", TORCHVISION_NAMES)
+# The published sizes: the smallest of each library in the slow set, the
+# others (the same blocks, wider or deeper) in `pytest -m every_size`.
+@pytest.mark.parametrize("name", by_run_set(TORCHVISION_NAMES, slow=("vit_b_32",)))
 def test_torchvision_parity(name, tmp_path):
   reference = torchvision_reference(name)
   check_layer_shapes(name, reference, "torchvision")
   assert_parity(reference, name, tmp_path / f"{name}.pth", "torchvision")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", TIMM_NAMES)
+@pytest.mark.parametrize("name", by_run_set(TIMM_NAMES, slow=("vit_tiny_patch16_224",)))
 def test_timm_parity(name, tmp_path):
   reference = timm_reference(name)
   check_layer_shapes(name, reference, "timm")
