@@ -176,3 +176,46 @@ def test_command_lines_convert_classify_and_features(alexnet_file, tmp_path, cap
   eval_features, eval_labels = features.load(output, "eval")
   assert eval_features.shape == (180, 256) and eval_labels.shape == (180,)
   assert np.isfinite(eval_features).all() and eval_features.std() > 0
+
+
+@pytest.mark.slow  # four short runs, each compiling its own step
+def test_freeze_depth_sweep_trains_only_what_each_depth_leaves(alexnet_file, tmp_path):
+  """A freeze-depth sweep over torchvision's AlexNet: the frozen prefix comes
+  from the prefix cache, and each run moves the stages after its depth only."""
+  # pylint: disable=import-outside-toplevel
+  import json
+  import os
+  from tlflax import build, defaults, sweeps
+  from tlflax.training import checkpoint
+  from tlflax.tree import flatten
+
+  config = defaults.base_config()
+  config.model.name = "alexnet"
+  config.data.source, config.data.name = "digits", "target"
+  config.data.data_dir = str(tmp_path / "tfds")
+  config.data.train_examples_per_class = 5
+  config.data.image_size = config.data.resize_size = 64
+  config.data.augment = "none"  # deterministic inputs: the prefix cache applies
+  config.init.weights, config.init.source = alexnet_file[1], "torchvision"
+  config.batch_size, config.eval_batch_size = 16, 96
+  config.num_train_steps = 1
+  config.prefix_cache.enabled = True
+  config.prefix_cache.directory = str(tmp_path / "cache")
+  depths = (1, 2, 3, 4)
+  points = sweeps.make_points([{"freeze.rules": f"depth:{k}"} for k in depths], config)
+  rows = sweeps.run_sweep(config, points, str(tmp_path / "sweep"))
+
+  assert [r.point for r in rows] == [f"freeze_rules-depth_{k}" for k in depths]
+  assert all(0 <= r.accuracy <= 1 and r.steps == 1 and r.start == "pretrained" for r in rows)
+  cached = {json.load(open(tmp_path / "cache" / entry / "info.json", encoding="utf-8"))["stage"]
+            for entry in os.listdir(tmp_path / "cache")}
+  # `fc` runs dropout in training, so no frozen prefix is cached past stage3.
+  assert cached == {"stage1", "stage2", "stage3"}
+  initial = flatten(build.build(config, num_classes=5).variables["params"])
+  later = ("stage1", "stage2", "stage3", "fc", "head")
+  for depth, row in zip(depths, rows):
+    trained = flatten(checkpoint.restore_params_only(str(tmp_path / "sweep" / row.point))["params"])
+    moved = {path.split("/")[0] for path, value in trained.items()
+             if not np.array_equal(value, initial[path])}
+    assert moved == set(later[depth:]), depth
+  assert os.path.exists(tmp_path / "sweep" / "results.md")

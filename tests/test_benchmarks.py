@@ -106,3 +106,21 @@ def test_gpu_throughput_benchmark_measures_every_row_in_tiny_mode(monkeypatch, c
     assert f"| {framework} | {step} | {data_kind} |" in out
   assert "| images/s | ms/step |" in out and "| unknown |" in out
   assert "tlflax head only: real / synthetic = " in out
+
+
+@pytest.mark.slow  # starts TensorFlow, PyTorch and Grain's worker processes
+def test_input_pipeline_benchmark_measures_every_loader(capsys):
+  input_pipeline = load_benchmark("input_pipeline")
+  results, ratios = input_pipeline.main(["--images", "64", "--repeats", "1",
+                                         "--scaling-rounds", "1", "--no-shared"])
+  ((title, rows),) = results
+  assert title == "Generated JPEGs (64, about 500x375, q90)"
+  cores = os.cpu_count() or 1
+  assert [(row["transform"], row["workers"]) for row in rows] == [
+      (transform, workers) for transform in ("train", "eval") for workers in sorted({1, cores})]
+  for row in rows:
+    for loader in ("tlflax", "tf.data", "torch", "tf.data, no antialias"):
+      assert row[loader] > 0, (row, loader)
+  assert all(len(values) == 1 and values[0] > 0 for values in ratios.values()) and (
+      sorted(ratios) == (["eval", "train"] if cores > 1 else []))
+  assert "| tlflax / tf.data |" in capsys.readouterr().out

@@ -326,6 +326,55 @@ def test_worker_processes_give_the_batches_of_threads(tmp_path, monkeypatch):
     np.testing.assert_array_equal(mine["image"], theirs["image"])
 
 
+def test_worker_processes_run_one_thread_and_hold_few_batches(tmp_path, monkeypatch):
+  """Each worker makes one batch at a time: Grain's default read options (16
+  threads, 500 elements a process) would run 16 batches at once in every
+  worker, on cores that `num_workers` did not ask for."""
+  import grain
+  write_image_folder(tmp_path)
+  config = data_config(source="folder", path=str(tmp_path), eval_split="val", image_size=16)
+  monkeypatch.setattr(pipeline, "MIN_IMAGES_FOR_PROCESSES", 0)
+  seen = {}
+  original = grain.MapDataset.to_iter_dataset
+
+  def spy(self, read_options=None, **kwargs):
+    seen.setdefault("read", read_options)  # the first call is tlflax's (then Grain's own)
+    return original(self, read_options, **kwargs)
+
+  monkeypatch.setattr(grain.MapDataset, "to_iter_dataset", spy)
+  train = data.build(config, "train", training=True, global_batch_size=4, num_workers=2)
+  assert len(list(train.stream(0, 3))) == 3
+  assert seen["read"].num_threads == 1
+  assert seen["read"].prefetch_buffer_size == pipeline.WORKER_BUFFERED_BATCHES <= 4
+
+
+def test_decoded_files_take_the_same_transforms_as_arrays(tmp_path):
+  """Files stay PIL images from decoding to the crop (no full-size copies):
+  the pixels are those of the array path, which are torchvision's."""
+  torchvision_transforms = pytest.importorskip("torchvision.transforms.functional")
+  rng = np.random.default_rng(0)
+  path = tmp_path / "photo.jpg"
+  Image.fromarray(rng.integers(0, 256, (75, 100, 3), np.uint8)).save(path, quality=90)
+  image = images_lib.open_rgb(path)
+  pixels = images_lib.read_rgb(path)
+  assert image.mode == "RGB" and image.size == (100, 75)
+  np.testing.assert_array_equal(np.asarray(image), pixels)
+  uniforms = transforms.stateless_uniform((0, 0), np.arange(16),
+                                          transforms.num_draws("random_resized_crop"))
+  for row in uniforms:
+    from_image = transforms.train_transform(image, row, "random_resized_crop", 32)
+    np.testing.assert_array_equal(
+        from_image, transforms.train_transform(pixels, row, "random_resized_crop", 32))
+    # torchvision's RandomResizedCrop on the same box, then its flip.
+    top, left, height, width = transforms.random_resized_box(75, 100, row)
+    expected = torchvision_transforms.resized_crop(image, top, left, height, width, [32, 32])
+    if row[-1] < 0.5:
+      expected = torchvision_transforms.hflip(expected)
+    np.testing.assert_array_equal(from_image, np.asarray(expected))
+  np.testing.assert_array_equal(transforms.eval_transform(image, 32, 40),
+                                transforms.eval_transform(pixels, 32, 40))
+
+
 def test_file_sources_use_worker_processes_by_default(tmp_path):
   write_image_folder(tmp_path)
   config = data_config(source="folder", path=str(tmp_path), eval_split="val", image_size=16)

@@ -114,7 +114,8 @@ def read_rgb(path: str | os.PathLike, background: tuple[int, int, int] = (255, 2
   greyscale is scaled down to 8 bits.
 
   Args:
-    path: any format PIL reads (JPEG, PNG, BMP, GIF, TIFF, WebP, ...).
+    path: any format PIL reads (JPEG, PNG, BMP, GIF, TIFF, WebP, ...), or an
+      open binary file.
     background: RGB colour behind transparent pixels.
 
   Returns:
@@ -124,10 +125,36 @@ def read_rgb(path: str | os.PathLike, background: tuple[int, int, int] = (255, 2
     >>> read_rgb("scan.png").shape
     (480, 640, 3)
   """
+  return np.asarray(open_rgb(path, background), dtype=np.uint8)
+
+
+def open_rgb(path, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+  """`read_rgb` as a decoded PIL image in mode "RGB", not yet copied into an array.
+
+  The input pipeline resizes and crops this image and makes an array only
+  of the result: each copy of a full-size photo costs about a tenth of its
+  decoding time.
+
+  Args:
+    path: as for `read_rgb`.
+    background: as for `read_rgb`.
+
+  Returns:
+    A loaded PIL image, mode "RGB", EXIF orientation applied.
+  """
   try:
-    with Image.open(path) as image:
-      image = ImageOps.exif_transpose(image)
-      return _to_rgb(image, background)
+    if isinstance(path, (str, os.PathLike)):
+      # Our own file object, closed here: PIL keeps a file it opened itself
+      # open until its image is closed, and this image lives on.
+      with open(path, "rb") as file:
+        image = Image.open(file)
+        image.load()
+    else:
+      image = Image.open(path)
+      image.load()
+    # In place: without an orientation tag this does nothing (no copy).
+    ImageOps.exif_transpose(image, in_place=True)
+    return _to_rgb_image(image, background)
   except Image.DecompressionBombError as e:
     raise ImageError(f"{_name(path)} is too large to decode safely ({e}). PIL refuses images "
                      "this big as a guard against decompression bombs; downscale it first.") from e
@@ -160,7 +187,9 @@ def check_header(path: str | os.PathLike) -> str | None:
   return None
 
 
-def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> np.ndarray:
+def _to_rgb_image(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+  if image.mode == "RGB":
+    return image
   if image.mode == "I" or image.mode.startswith("I;16"):
     # PIL's convert("L") clips 16-bit values instead of scaling them.
     pixels = np.asarray(image, dtype=np.float64) / 257.0
@@ -171,10 +200,10 @@ def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> np.ndarray:
     rgba = image.convert("RGBA")
     canvas = Image.new("RGBA", rgba.size, tuple(background) + (255,))
     image = Image.alpha_composite(canvas, rgba)
-  return np.asarray(image.convert("RGB"), dtype=np.uint8)
+  return image.convert("RGB")
 
 
-def resize_and_center_crop(pixels: np.ndarray, resize_size: int, crop_size: int,
+def resize_and_center_crop(pixels: np.ndarray | Image.Image, resize_size: int, crop_size: int,
                            interpolation: str = "bilinear") -> np.ndarray:
   """Resizes the shorter side to `resize_size` and cuts the centre square.
 
@@ -183,7 +212,7 @@ def resize_and_center_crop(pixels: np.ndarray, resize_size: int, crop_size: int,
   the same PIL image.
 
   Args:
-    pixels: uint8 (H, W, 3).
+    pixels: uint8 (H, W, 3), or an RGB PIL image.
     resize_size: target length of the shorter side.
     crop_size: side of the square cut from the centre (<= resize_size).
     interpolation: "bilinear", "bicubic", "nearest" or "lanczos".
@@ -197,17 +226,20 @@ def resize_and_center_crop(pixels: np.ndarray, resize_size: int, crop_size: int,
   """
   if crop_size > resize_size:
     raise ValueError(f"crop_size {crop_size} is larger than resize_size {resize_size}.")
-  height, width = pixels.shape[:2]
+  image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
+  width, height = image.size
   short, long = min(height, width), max(height, width)
   new_long = int(resize_size * long / short)
   new_height, new_width = ((resize_size, new_long) if height <= width
                            else (new_long, resize_size))
-  image = Image.fromarray(pixels).resize((new_width, new_height), _INTERPOLATIONS[interpolation])
-  resized = np.asarray(image)
+  # The whole image is resized, then cropped: resizing only the crop's box
+  # (PIL's `box=`) is cheaper but moves pixels by up to 2 of 255 from
+  # torchvision's, through PIL's rounding of the filter weights.
+  resized = image.resize((new_width, new_height), _INTERPOLATIONS[interpolation])
   # Python's round (half to even) is what torchvision's CenterCrop uses.
   top = int(round((new_height - crop_size) / 2.0))
   left = int(round((new_width - crop_size) / 2.0))
-  return resized[top:top + crop_size, left:left + crop_size]
+  return np.asarray(resized.crop((left, top, left + crop_size, top + crop_size)), np.uint8)
 
 
 def normalize(pixels: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:

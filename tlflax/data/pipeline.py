@@ -48,6 +48,10 @@ SOURCES = ("tfds", "folder", "digits")
 # tlflax), which threads in this process do not pay; shorter streams (small
 # evaluation sets, tests) are quicker on threads.
 MIN_IMAGES_FOR_PROCESSES = 2048
+# Inside each worker process: threads that make batches, and batches held
+# ready (per worker, then again in the queue to this process).
+WORKER_THREADS = 1
+WORKER_BUFFERED_BATCHES = 2
 # Tags that keep the random streams of different purposes apart for one seed.
 _SHUFFLE_STREAM = 1
 _FEW_SHOT_STREAM = 2
@@ -173,8 +177,15 @@ class Dataset:
     import grain  # pylint: disable=import-outside-toplevel
     _absl_flags_for_grain()
     steps = grain.MapDataset.range(start, stop).map(_GlobalBatch(self))
-    iterator = iter(steps.to_iter_dataset().mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=self.num_workers)))
+    # One thread per worker and a short buffer: Grain's default read options
+    # (16 threads and 500 elements per process) would run 16 whole batches at
+    # once in every worker, oversubscribing the cores `num_workers` asks for
+    # and holding hundreds of batches in memory.
+    read_options = grain.ReadOptions(num_threads=WORKER_THREADS,
+                                     prefetch_buffer_size=WORKER_BUFFERED_BATCHES)
+    iterator = iter(steps.to_iter_dataset(read_options).mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=self.num_workers,
+                                     per_worker_buffer_size=WORKER_BUFFERED_BATCHES)))
     try:
       yield from iterator
     finally:
@@ -235,8 +246,8 @@ class Dataset:
 
     size = self.image_size
     images = np.zeros((self.local_batch_size, size, size, 3), np.uint8)
-    if pixels:
-      images[real] = np.stack(pixels)
+    for row, example in zip(np.flatnonzero(real), pixels):
+      images[row] = example
     all_labels = np.zeros((self.local_batch_size,), np.int32)
     all_labels[real] = labels
     batch = {"image": images, "label": all_labels}
@@ -245,12 +256,12 @@ class Dataset:
     return batch
 
   def _train_example(self, raw: Any, uniforms: np.ndarray) -> np.ndarray:
-    return transforms.train_transform(self.source.decode(raw), uniforms, self.augment,
+    return transforms.train_transform(self.source.image(raw), uniforms, self.augment,
                                       self.image_size, self.preprocessing.resize_size)
 
   def _eval_example(self, raw: Any, unused) -> np.ndarray:
     del unused
-    return transforms.eval_transform(self.source.decode(raw), self.image_size,
+    return transforms.eval_transform(self.source.image(raw), self.image_size,
                                      self.preprocessing.resize_size)
 
 

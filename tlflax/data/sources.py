@@ -76,6 +76,11 @@ class ExampleSource:
 
   def decode(self, raw: Any) -> np.ndarray:
     """A raw image from `read` -> uint8 (H, W, C)."""
+    return np.asarray(self.image(raw))
+
+  def image(self, raw: Any) -> Any:
+    """A raw image from `read`, ready for a transform: a uint8 (H, W, C) array,
+    or for files a decoded RGB PIL image, not yet copied into an array."""
     return raw
 
   def image_shape(self) -> tuple[int, int] | None:
@@ -121,8 +126,8 @@ class EncodedSource(ExampleSource):
   def read(self, indices):
     return [self.items[i] for i in indices], self.all_labels[np.asarray(indices, np.int64)]
 
-  def decode(self, raw):
-    return _decode_image(raw)
+  def image(self, raw):
+    return _open_image(raw)
 
 
 @dataclasses.dataclass
@@ -154,8 +159,8 @@ class TfdsRandomAccessSource(ExampleSource):
     return ([r[self.image_key] for r in records],
             np.asarray([int(r[self.label_key]) for r in records], np.int64))
 
-  def decode(self, raw):
-    return _decode_image(raw)
+  def image(self, raw):
+    return _open_image(raw)
 
 
 @dataclasses.dataclass
@@ -193,8 +198,8 @@ class TfRecordIndexSource(ExampleSource):
     return ([e[self.image_key] for e in examples],
             np.asarray([int(e[self.label_key]) for e in examples], np.int64))
 
-  def decode(self, raw):
-    return _decode_image(raw)
+  def image(self, raw):
+    return _open_image(raw)
 
 
 @dataclasses.dataclass
@@ -232,20 +237,20 @@ class ConcatSource(ExampleSource):
           raws[row] = (part_index, raw)
     return raws, labels
 
-  def decode(self, raw):
+  def image(self, raw):
     part_index, item = raw
-    return self.parts[part_index].decode(item)
+    return self.parts[part_index].image(item)
 
   def image_shape(self):
     shapes = {part.image_shape() for part in self.parts}
     return shapes.pop() if len(shapes) == 1 else None
 
 
-def _decode_image(raw: Any) -> np.ndarray:
-  """A path or encoded image bytes -> uint8 RGB (H, W, 3)."""
+def _open_image(raw: Any):
+  """A path or encoded image bytes -> a decoded RGB PIL image."""
   if isinstance(raw, (bytes, bytearray, memoryview)):
-    return image_files.read_rgb(io.BytesIO(bytes(raw)))
-  return image_files.read_rgb(raw)
+    return image_files.open_rgb(io.BytesIO(bytes(raw)))
+  return image_files.open_rgb(raw)
 
 
 # ---------------------------------------------------------------- TFDS

@@ -11,7 +11,8 @@ Recipes (`augment`):
                        horizontal flip (the CIFAR recipe).
   random_resized_crop  a random box of 8%-100% of the area with aspect ratio
                        3/4..4/3 resized to the output size, random flip (the
-                       ImageNet recipe, as torchvision's RandomResizedCrop).
+                       ImageNet recipe: torchvision's RandomResizedCrop, whose
+                       pixels it gives for the same box).
   none                 the evaluation transform.
 Evaluation: resize the shorter side to `resize_size`, cut the centre square.
 """
@@ -19,7 +20,7 @@ Evaluation: resize the shorter side to `resize_size`, cut the centre square.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -113,30 +114,47 @@ def as_rgb(pixels: np.ndarray) -> np.ndarray:
   raise ValueError(f"Cannot make RGB from an image of shape {pixels.shape}.")
 
 
-def eval_transform(pixels: np.ndarray, image_size: int, resize_size: int = 0) -> np.ndarray:
+Pixels = Union[np.ndarray, Image.Image]
+
+
+def _height_width(pixels: Pixels) -> tuple[int, int]:
+  if isinstance(pixels, Image.Image):
+    return pixels.height, pixels.width
+  return pixels.shape[0], pixels.shape[1]
+
+
+def _rgb(pixels: Pixels) -> Pixels:
+  """An RGB PIL image as it is (decoded files), or `as_rgb` of an array."""
+  if isinstance(pixels, Image.Image):
+    return pixels if pixels.mode == "RGB" else pixels.convert("RGB")
+  return as_rgb(pixels)
+
+
+def eval_transform(pixels: Pixels, image_size: int, resize_size: int = 0) -> np.ndarray:
   """Shorter side to `resize_size` (0 = image_size), then the centre square.
 
   Args:
-    pixels: uint8 (H, W, C) of any size.
+    pixels: uint8 (H, W, C) of any size, or a PIL image (a decoded file).
     image_size: output side.
     resize_size: shorter side before the crop; >= image_size.
 
   Returns:
     uint8 (image_size, image_size, 3).
   """
-  pixels = as_rgb(pixels)
+  pixels = _rgb(pixels)
   resize_size = resize_size or image_size
-  if pixels.shape[:2] == (image_size, image_size) and resize_size == image_size:
-    return pixels  # already the right size: skip a resize that would only copy
+  if _height_width(pixels) == (image_size, image_size) and resize_size == image_size:
+    # Already the right size: skip a resize that would only copy.
+    return np.asarray(pixels, np.uint8)
   return image_files.resize_and_center_crop(pixels, resize_size, image_size)
 
 
-def train_transform(pixels: np.ndarray, uniforms: np.ndarray, augment: str,
+def train_transform(pixels: Pixels, uniforms: np.ndarray, augment: str,
                     image_size: int, resize_size: int = 0) -> np.ndarray:
   """One training example's augmentation.
 
   Args:
-    pixels: uint8 (H, W, C) of any size.
+    pixels: uint8 (H, W, C) of any size, or a PIL image (a decoded file).
     uniforms: float (num_draws(augment),) from `stateless_uniform`.
     augment: "crop_flip", "random_resized_crop" or "none".
     image_size: output side.
@@ -153,7 +171,7 @@ def train_transform(pixels: np.ndarray, uniforms: np.ndarray, augment: str,
     base = eval_transform(pixels, image_size, resize_size)
     return _pad_crop_flip(base, uniforms)
   if augment == "random_resized_crop":
-    return _random_resized_crop(as_rgb(pixels), uniforms, image_size)
+    return _random_resized_crop(_rgb(pixels), uniforms, image_size)
   raise ValueError(f"Unknown augment {augment!r}; use one of {AUGMENTATIONS}.")
 
 
@@ -202,14 +220,17 @@ def random_resized_box(height: int, width: int, uniforms: np.ndarray) -> tuple[i
   return (height - box_height) // 2, (width - box_width) // 2, box_height, box_width
 
 
-def _random_resized_crop(pixels: np.ndarray, uniforms: np.ndarray, image_size: int) -> np.ndarray:
-  height, width = pixels.shape[:2]
+def _random_resized_crop(pixels: Pixels, uniforms: np.ndarray, image_size: int) -> np.ndarray:
+  height, width = _height_width(pixels)
   top, left, box_height, box_width = random_resized_box(height, width, uniforms)
-  # PIL crops and resizes in one step when given the box.
-  resized = Image.fromarray(pixels).resize(
-      (image_size, image_size), Image.Resampling.BILINEAR,
-      box=(left, top, left + box_width, top + box_height))
-  out = np.asarray(resized)
+  image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
+  # Crop, then resize, as torchvision's RandomResizedCrop does on PIL images
+  # (the same pixels; resizing with PIL's `box=` instead would let the
+  # filter read pixels outside the box, and costs the same).
+  resized = image.crop((left, top, left + box_width, top + box_height)).resize(
+      (image_size, image_size), Image.Resampling.BILINEAR)
   if uniforms[4 * RRC_ATTEMPTS] < 0.5:
-    out = out[:, ::-1]
-  return np.ascontiguousarray(out)
+    # In PIL, before the one copy into an array (a tenth of the cost of a
+    # reversed-stride copy in numpy).
+    resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+  return np.asarray(resized, np.uint8)
