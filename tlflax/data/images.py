@@ -21,6 +21,7 @@ The three conventions in use:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Iterable, Sequence
@@ -142,19 +143,16 @@ def open_rgb(path, background: tuple[int, int, int] = (255, 255, 255)) -> Image.
   Returns:
     A loaded PIL image, mode "RGB", EXIF orientation applied.
   """
+  # A path is opened here and closed once decoded: PIL keeps a file it
+  # opened itself open until its image is closed, and this image lives on.
+  is_path = isinstance(path, (str, os.PathLike))
   try:
-    if isinstance(path, (str, os.PathLike)):
-      # Our own file object, closed here: PIL keeps a file it opened itself
-      # open until its image is closed, and this image lives on.
-      with open(path, "rb") as file:
-        image = Image.open(file)
-        image.load()
-    else:
-      image = Image.open(path)
+    with open(path, "rb") if is_path else contextlib.nullcontext(path) as file:
+      image = Image.open(file)
       image.load()
     # In place: without an orientation tag this does nothing (no copy).
     ImageOps.exif_transpose(image, in_place=True)
-    return _to_rgb_image(image, background)
+    return rgb_image(image, background)
   except Image.DecompressionBombError as e:
     raise ImageError(f"{_name(path)} is too large to decode safely ({e}). PIL refuses images "
                      "this big as a guard against decompression bombs; downscale it first.") from e
@@ -187,7 +185,13 @@ def check_header(path: str | os.PathLike) -> str | None:
   return None
 
 
-def _to_rgb_image(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+def rgb_image(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)
+              ) -> Image.Image:
+  """A PIL image of any mode as mode "RGB", as `read_rgb` converts files.
+
+  16-bit greyscale is scaled to 8 bits; transparent pixels are composited
+  over `background`. An RGB image is returned as it is (no copy).
+  """
   if image.mode == "RGB":
     return image
   if image.mode == "I" or image.mode.startswith("I;16"):

@@ -126,7 +126,7 @@ def _height_width(pixels: Pixels) -> tuple[int, int]:
 def _rgb(pixels: Pixels) -> Pixels:
   """An RGB PIL image as it is (decoded files), or `as_rgb` of an array."""
   if isinstance(pixels, Image.Image):
-    return pixels if pixels.mode == "RGB" else pixels.convert("RGB")
+    return image_files.rgb_image(pixels)
   return as_rgb(pixels)
 
 
