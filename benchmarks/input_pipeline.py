@@ -85,13 +85,40 @@ def image_paths(root: str) -> list[str]:
 
 def time_passes(one_pass, repeats: int) -> float:
   """Median seconds of `one_pass()` over `repeats`, after one warm-up pass."""
+  return timed_passes(one_pass, repeats)[0]
+
+
+def timed_passes(one_pass, repeats: int) -> tuple[float, float | None]:
+  """`time_passes`, and the cores this process and its children used meanwhile.
+
+  The cores are CPU seconds over wall seconds of the timed passes (None
+  without psutil).
+  """
   one_pass()
+  try:
+    import psutil  # pylint: disable=import-outside-toplevel
+    tree = [psutil.Process()] + psutil.Process().children(recursive=True)
+  except ImportError:
+    tree = []
+
+  def cpu_seconds():
+    total = 0.0
+    for process in tree:
+      try:
+        used = process.cpu_times()
+        total += used.user + used.system
+      except psutil.NoSuchProcess:
+        pass
+    return total
+
   times = []
+  cpu_start, wall_start = cpu_seconds(), time.perf_counter()
   for _ in range(repeats):
     start = time.perf_counter()
     one_pass()
     times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  cores = (cpu_seconds() - cpu_start) / (time.perf_counter() - wall_start) if tree else None
+  return statistics.median(times), cores
 
 
 def tlflax_pass(root: str, training: bool, workers: int):
@@ -207,23 +234,33 @@ def measure(root: str, repeats: int, cores: int) -> list[dict]:
   return rows
 
 
-def scaling(root: str, repeats: int, cores: int, rounds: int) -> dict[str, list[float]]:
+def scaling(root: str, repeats: int, cores: int, rounds: int
+            ) -> tuple[dict[str, list[float]], dict[tuple[str, int], list[float]]]:
   """tlflax's images/s at all cores over 1 worker, measured `rounds` times in turn.
 
   One pair of numbers moves by 15% from run to run on a shared machine;
   alternating the two settings and taking the median of the ratios gives a
   figure that a slow minute of the host cannot make or break.
+
+  Returns:
+    The ratios per transform, and the cores tlflax's processes used per
+    (transform, workers) in each round.
   """
   ratios: dict[str, list[float]] = {}
+  used: dict[tuple[str, int], list[float]] = {}
   for training in (True, False):
+    transform = "train" if training else "eval"
     for _ in range(rounds):
       rates = {}
       for workers in (1, cores):
         one_pass, count = tlflax_pass(root, training, workers)
-        rates[workers] = count / time_passes(one_pass, repeats)
+        seconds, busy = timed_passes(one_pass, repeats)
+        rates[workers] = count / seconds
+        if busy is not None:
+          used.setdefault((transform, workers), []).append(busy)
         one_pass.close()
-      ratios.setdefault("train" if training else "eval", []).append(rates[cores] / rates[1])
-  return ratios
+      ratios.setdefault(transform, []).append(rates[cores] / rates[1])
+  return ratios, used
 
 
 def table(title: str, rows: list[dict]) -> str:
@@ -261,7 +298,8 @@ def main(argv=None) -> None:
     print(f"Generated {args.images} JPEGs (about 500x375, quality 90):")
     results.append((f"Generated JPEGs ({args.images}, about 500x375, q90)",
                     measure(root, args.repeats, cores)))
-    ratios = scaling(root, args.repeats, cores, args.scaling_rounds) if cores > 1 else {}
+    ratios, used = (scaling(root, args.repeats, cores, args.scaling_rounds) if cores > 1
+                    else ({}, {}))
     if os.path.isdir(SHARED) and not args.no_shared:
       print(f"{SHARED}:")
       results.append((f"hymenoptera train ({len(image_paths(SHARED))} photos)",
@@ -273,6 +311,9 @@ def main(argv=None) -> None:
       print(f"tlflax {transform}, generated JPEGs: {cores} workers / 1 worker over "
             f"{len(values)} alternating rounds: median {statistics.median(values):.2f}x "
             f"(min {min(values):.2f}, max {max(values):.2f})")
+  for (transform, workers), values in used.items():
+    print(f"tlflax {transform}, {workers} worker(s): the main process and its workers used "
+          f"{statistics.median(values):.2f} cores (median of {len(values)} rounds)")
   return results, ratios
 
 

@@ -123,4 +123,7 @@ def test_input_pipeline_benchmark_measures_every_loader(capsys):
       assert row[loader] > 0, (row, loader)
   assert all(len(values) == 1 and values[0] > 0 for values in ratios.values()) and (
       sorted(ratios) == (["eval", "train"] if cores > 1 else []))
-  assert "| tlflax / tf.data |" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "| tlflax / tf.data |" in out
+  if cores > 1:
+    assert f"tlflax train, {cores} worker(s): the main process and its workers used " in out

@@ -326,10 +326,10 @@ def test_worker_processes_give_the_batches_of_threads(tmp_path, monkeypatch):
     np.testing.assert_array_equal(mine["image"], theirs["image"])
 
 
-def test_worker_processes_run_one_thread_and_hold_few_batches(tmp_path, monkeypatch):
-  """Each worker makes one batch at a time: Grain's default read options (16
-  threads, 500 elements a process) would run 16 batches at once in every
-  worker, on cores that `num_workers` did not ask for."""
+def test_worker_processes_make_one_batch_at_a_time(tmp_path, monkeypatch):
+  """Each worker makes its batches in its own loop, one at a time: Grain's
+  default read options (16 threads, 500 elements a process) would run 16
+  batches at once in every worker, on cores that `num_workers` did not ask for."""
   import grain
   write_image_folder(tmp_path)
   config = data_config(source="folder", path=str(tmp_path), eval_split="val", image_size=16)
@@ -344,8 +344,49 @@ def test_worker_processes_run_one_thread_and_hold_few_batches(tmp_path, monkeypa
   monkeypatch.setattr(grain.MapDataset, "to_iter_dataset", spy)
   train = data.build(config, "train", training=True, global_batch_size=4, num_workers=2)
   assert len(list(train.stream(0, 3))) == 3
-  assert seen["read"].num_threads == 1
-  assert seen["read"].prefetch_buffer_size == pipeline.WORKER_BUFFERED_BATCHES <= 4
+  assert seen["read"].num_threads == 0 and seen["read"].prefetch_buffer_size == 0
+  assert 1 <= pipeline.WORKER_BUFFERED_BATCHES <= 4
+
+
+def test_padded_batches_from_reused_worker_blocks_are_those_of_threads(tmp_path, monkeypatch):
+  """Workers write batches into reused shared memory: a padded batch written
+  over a full one still has zeros in its padding, and every batch is the one
+  threads make."""
+  write_image_folder(tmp_path)
+  config = data_config(source="folder", path=str(tmp_path), eval_split="val", image_size=16,
+                       resize_size=20)
+  monkeypatch.setattr(pipeline, "MIN_IMAGES_FOR_PROCESSES", 0)
+  in_threads = data.build(config, "eval", training=False, global_batch_size=4, num_workers=0)
+  # One worker: it makes full and padded batches in turn.
+  in_processes = data.build(config, "eval", training=False, global_batch_size=4,
+                            num_workers=1)
+  assert in_threads.steps_per_epoch == 2  # 6 images: a full batch, then 2 real + 2 padding
+  expected = all_batches(in_threads)
+  # 12 passes: the worker's few blocks are written over many times.
+  got = list(in_processes.stream(0, 24))
+  for step, batch in enumerate(got):
+    assert_batches_equal([batch], [expected[step % 2]])
+  assert not got[1]["image"][2:].any()
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="lists shared memory in /dev/shm")
+def test_a_stream_closed_early_leaves_no_shared_memory(tmp_path, monkeypatch):
+  """Blocks still in the workers' queues when the stream stops are removed."""
+  from tlflax.data import shared_blocks
+  write_image_folder(tmp_path)
+  config = data_config(source="folder", path=str(tmp_path), eval_split="val", image_size=16,
+                       augment="random_resized_crop")
+  monkeypatch.setattr(pipeline, "MIN_IMAGES_FOR_PROCESSES", 0)
+  train = data.build(config, "train", training=True, global_batch_size=4, num_workers=2)
+  prefix = shared_blocks.block_name_prefix(os.getpid())
+  stream = train.stream(0, 1000)
+  next(stream)
+  deadline = time.monotonic() + 60
+  while not [name for name in os.listdir("/dev/shm") if name.startswith(prefix)]:
+    assert time.monotonic() < deadline, "the workers made no blocks waiting in their queues"
+    time.sleep(0.05)
+  stream.close()  # stops the workers
+  assert [name for name in os.listdir("/dev/shm") if name.startswith(prefix)] == []
 
 
 def test_decoded_files_take_the_same_transforms_as_arrays(tmp_path):

@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from tlflax.data import images as image_files
+from tlflax.data import shared_blocks
 from tlflax.data import sources
 from tlflax.data import transforms
 
@@ -48,9 +49,7 @@ SOURCES = ("tfds", "folder", "digits")
 # tlflax), which threads in this process do not pay; shorter streams (small
 # evaluation sets, tests) are quicker on threads.
 MIN_IMAGES_FOR_PROCESSES = 2048
-# Inside each worker process: threads that make batches, and batches held
-# ready (per worker, then again in the queue to this process).
-WORKER_THREADS = 1
+# Batches each worker process holds ready in its queue to this process.
 WORKER_BUFFERED_BATCHES = 2
 # Tags that keep the random streams of different purposes apart for one seed.
 _SHUFFLE_STREAM = 1
@@ -58,13 +57,24 @@ _FEW_SHOT_STREAM = 2
 
 
 class _GlobalBatch:
-  """`dataset._global_batch` as a picklable callable for Grain's worker processes."""
+  """`dataset._global_batch` as a picklable callable for Grain's worker processes.
+
+  Each worker writes the images into its own reused shared-memory blocks
+  (`shared_blocks`), and Grain carries only the blocks' names: a batch of
+  ordinary arrays would be copied into a new block of shared memory, paid for
+  page by page, for every batch.
+  """
 
   def __init__(self, dataset: "Dataset"):
     self.dataset = dataset
+    self.blocks = None  # made in the worker process, on its first batch
 
-  def __call__(self, step: int) -> dict[str, np.ndarray]:
-    return self.dataset._global_batch(int(step))  # pylint: disable=protected-access
+  def __call__(self, step: int) -> shared_blocks.SharedBatch:
+    if self.blocks is None:
+      self.blocks = shared_blocks.WorkerBlocks()
+    batch = self.dataset._global_batch(  # pylint: disable=protected-access
+        int(step), allocate=self.blocks.empty)
+    return self.blocks.share(batch)
 
 
 def _absl_flags_for_grain() -> None:
@@ -177,23 +187,26 @@ class Dataset:
     import grain  # pylint: disable=import-outside-toplevel
     _absl_flags_for_grain()
     steps = grain.MapDataset.range(start, stop).map(_GlobalBatch(self))
-    # One thread per worker and a short buffer: Grain's default read options
-    # (16 threads and 500 elements per process) would run 16 whole batches at
-    # once in every worker, oversubscribing the cores `num_workers` asks for
-    # and holding hundreds of batches in memory.
-    read_options = grain.ReadOptions(num_threads=WORKER_THREADS,
-                                     prefetch_buffer_size=WORKER_BUFFERED_BATCHES)
+    # Each worker makes one batch at a time in its own main loop (no thread
+    # pool, no buffer before its queue). Grain's default read options (16
+    # threads, 500 elements per process) would run 16 whole batches at once in
+    # every worker, on cores `num_workers` did not ask for; and a batch in a
+    # thread's buffer would be one more block in use.
+    read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
     iterator = iter(steps.to_iter_dataset(read_options).mp_prefetch(
         grain.MultiprocessingOptions(num_workers=self.num_workers,
                                      per_worker_buffer_size=WORKER_BUFFERED_BATCHES)))
+    reader = shared_blocks.MainReader()
     try:
-      yield from iterator
+      for sent in iterator:
+        yield reader.take(sent)
     finally:
       iterator.close()
+      reader.close()
 
-  def _global_batch(self, step: int, workers=None) -> dict[str, np.ndarray]:
+  def _global_batch(self, step: int, workers=None, allocate=np.empty) -> dict[str, np.ndarray]:
     epoch, batch = divmod(step, self.steps_per_epoch)
-    return self._batch(epoch, batch, workers)
+    return self._batch(epoch, batch, workers, allocate)
 
   def device_transform(self) -> Callable[[Any], Any]:
     """The function the jitted step applies to `batch["image"]` on the device.
@@ -226,7 +239,8 @@ class Dataset:
       return epoch_order(self.num_examples, self.seed, epoch)[rows]
     return np.where(rows < self.num_examples, rows, -1)
 
-  def _batch(self, epoch: int, step: int, workers) -> dict[str, np.ndarray]:
+  def _batch(self, epoch: int, step: int, workers, allocate=np.empty) -> dict[str, np.ndarray]:
+    """This process's rows of a global batch; `allocate(shape, dtype)` makes the image array."""
     positions = self._positions(epoch, step)
     real = positions >= 0
     ids = self.example_ids[positions[real]]
@@ -245,9 +259,10 @@ class Dataset:
       pixels = [prepare(*item) for item in work]
 
     size = self.image_size
-    images = np.zeros((self.local_batch_size, size, size, 3), np.uint8)
+    images = allocate((self.local_batch_size, size, size, 3), np.uint8)
     for row, example in zip(np.flatnonzero(real), pixels):
       images[row] = example
+    images[~real] = 0  # padding (`allocate` may hand out a former batch's memory)
     all_labels = np.zeros((self.local_batch_size,), np.int32)
     all_labels[real] = labels
     batch = {"image": images, "label": all_labels}

@@ -113,8 +113,8 @@ class CachedDataset(pipeline.Dataset):
   features: np.ndarray = dataclasses.field(default=None, repr=False)
   cached_labels: np.ndarray = dataclasses.field(default=None, repr=False)
 
-  def _batch(self, epoch: int, step: int, workers) -> dict[str, np.ndarray]:
-    del workers
+  def _batch(self, epoch: int, step: int, workers, allocate=None) -> dict[str, np.ndarray]:
+    del workers, allocate  # rows of an array, in this process (num_workers=0)
     positions = self._positions(epoch, step)
     real = positions >= 0
     rows = np.zeros((self.local_batch_size, *self.features.shape[1:]), np.float32)
