@@ -176,9 +176,10 @@ def measured(framework: str, step: str, data_kind: str, seconds: list[float],
           "window_images_per_second": (min(per_window), max(per_window))}
 
 
-def folder_config(root: str, image_size: int):
+def folder_config(root: str, image_size: int, engine: str = "pil"):
   """`config.data` for the image folder `root` (class sub-folders), augmented for training."""
   config = defaults.base_config().data
+  config.engine = engine
   config.source, config.path = "folder", root
   config.train_split = config.eval_split = "."
   config.image_size = image_size
@@ -238,8 +239,8 @@ def measure_tlflax(args, root: str, num_classes: int, workers: int) -> tuple[lis
   """tlflax rows, FLOPs per step kind, and notes on how they were made."""
   mesh = one_device_mesh()
   replicated, batch_sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-  dataset = data.build(folder_config(root, args.image_size), "train", training=True,
-                       global_batch_size=args.batch_size, num_workers=workers)
+  dataset = data.build(folder_config(root, args.image_size, args.engine), "train",
+                       training=True, global_batch_size=args.batch_size, num_workers=workers)
   model = models.get_model(args.model, num_classes=num_classes, dtype="bfloat16")
   size = args.image_size
   variables = random_variables(model, size)
@@ -249,15 +250,22 @@ def measure_tlflax(args, root: str, num_classes: int, workers: int) -> tuple[lis
        "label": rng.integers(0, num_classes, (args.batch_size,), dtype=np.int32)}, mesh)
   timed_steps = args.windows * args.steps
   longest = (max(args.warmup, dataset.num_workers) + timed_steps) * dataset.local_batch_size
-  in_processes = dataset.num_workers > 0 and longest >= pipeline.MIN_IMAGES_FOR_PROCESSES
+  in_processes = (args.engine == "pil" and dataset.num_workers > 0
+                  and longest >= pipeline.MIN_IMAGES_FOR_PROCESSES)
   # Each Grain worker makes whole batches, in turn: once every worker has
   # delivered one, all of them have started, and timing may begin.
   real_warmup = max(args.warmup, dataset.num_workers if in_processes else 1)
   total_steps = real_warmup + timed_steps
-  notes = [f"tlflax real data: {dataset.num_examples} images, batches made by "
-           + (f"{dataset.num_workers} Grain worker processes" if in_processes else
-              f"{dataset.num_threads} thread(s) (a stream under "
-              f"{pipeline.MIN_IMAGES_FOR_PROCESSES} images uses no worker processes)")
+  if args.engine != "pil":
+    made_by = (f"NVIDIA DALI (data.engine={args.engine!r}: JPEG decoding "
+               f"{'on the GPU' if args.engine == 'dali' else 'on the CPU'}), "
+               f"{dataset.num_threads} CPU thread(s)")
+  elif in_processes:
+    made_by = f"{dataset.num_workers} Grain worker processes"
+  else:
+    made_by = (f"{dataset.num_threads} thread(s) (a stream under "
+               f"{pipeline.MIN_IMAGES_FOR_PROCESSES} images uses no worker processes)")
+  notes = [f"tlflax real data: {dataset.num_examples} images, batches made by {made_by}"
            + f", {real_warmup} warm-up steps"]
   rows, flops = [], {}
   for step_name, spec in STEP_KINDS:
@@ -463,6 +471,9 @@ def parse_args(argv):
                       "of generated JPEGs")
   parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                       help="Grain and DataLoader worker processes (default: every core)")
+  parser.add_argument("--engine", choices=("pil", "dali", "dali_cpu"), default="pil",
+                      help="who decodes tlflax's real batches (config.data.engine): Grain "
+                           "workers with PIL, or NVIDIA DALI on the GPU / the CPU")
   parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd")
   parser.add_argument("--torch-compile", action=argparse.BooleanOptionalAction,
                       help="torch.compile the PyTorch model (default: on, off with --tiny)")

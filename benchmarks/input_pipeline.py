@@ -22,6 +22,10 @@ normalisation to float32 with the ImageNet mean and std, in batches of 32.
 * PyTorch: a `DataLoader` over an image-folder dataset with torchvision's
   `RandomResizedCrop`/`RandomHorizontalFlip` or `Resize`/`CenterCrop` on PIL
   images, then `ToTensor` and `Normalize` (worker processes).
+* DALI (CPU): tlflax with `data.engine="dali_cpu"`, the same batches (crop
+  boxes, sizes, flips) made by NVIDIA DALI's graph on `workers` threads;
+  when `nvidia-dali-cuda120` is installed. On a GPU host, engine "dali"
+  runs the graph on the GPU.
 
 Each at 1 worker and at every core of the host. The data: a folder of JPEGs
 generated at ImageNet-like sizes (about 500x375, quality 90; runs on a fresh
@@ -37,6 +41,7 @@ ratio and its range.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
@@ -121,18 +126,21 @@ def timed_passes(one_pass, repeats: int) -> tuple[float, float | None]:
   return statistics.median(times), cores
 
 
-def tlflax_pass(root: str, training: bool, workers: int):
+def tlflax_pass(root: str, training: bool, workers: int, engine: str = "pil"):
   config = defaults.base_config().data
   config.source, config.path = "folder", root
   config.train_split = config.eval_split = "."
   config.image_size, config.resize_size = 224, 256
   config.augment = "random_resized_crop"
   config.mean, config.std = MEAN, STD
-  # `workers` Grain worker processes, one thread each, as a training run
-  # uses them: one stream of batches over all its epochs (so, like the
+  config.engine = engine
+  # "pil": `workers` Grain worker processes, one thread each, as a training
+  # run uses them: one stream of batches over all its epochs (so, like the
   # DataLoader's persistent workers, they start once, in the warm-up pass).
+  # "dali_cpu": DALI with `workers` threads.
   dataset = data.build(config, split="train" if training else "eval", training=training,
-                       global_batch_size=BATCH, num_threads=1, num_workers=workers)
+                       global_batch_size=BATCH,
+                       num_threads=1 if engine == "pil" else workers, num_workers=workers)
   stream = iter(dataset.stream(0, dataset.steps_per_epoch * 1_000_000))
 
   def one_pass():
@@ -213,6 +221,11 @@ def torch_pass(paths: list[str], training: bool, workers: int):
   return one_pass, count
 
 
+def dali_installed() -> bool:
+  """Whether NVIDIA DALI is there for the "DALI (CPU)" column (tlflax's data.engine="dali_cpu")."""
+  return importlib.util.find_spec("nvidia.dali") is not None
+
+
 def measure(root: str, repeats: int, cores: int) -> list[dict]:
   paths = image_paths(root)
   rows = []
@@ -223,7 +236,10 @@ def measure(root: str, repeats: int, cores: int) -> list[dict]:
                          ("tf.data", lambda: tf_pass(paths, training, workers)),
                          ("torch", lambda: torch_pass(paths, training, workers)),
                          ("tf.data, no antialias",
-                          lambda: tf_pass(paths, training, workers, antialias=False))):
+                          lambda: tf_pass(paths, training, workers, antialias=False)),
+                         *((("DALI (CPU)",
+                             lambda: tlflax_pass(root, training, workers, "dali_cpu")),)
+                           if dali_installed() else ())):
         one_pass, count = make()
         row[name] = count / time_passes(one_pass, repeats)
         getattr(one_pass, "close", lambda: None)()
@@ -265,13 +281,14 @@ def scaling(root: str, repeats: int, cores: int, rounds: int
 
 def table(title: str, rows: list[dict]) -> str:
   lines = [f"\n{title}", "| transform | workers | tlflax (img/s) | tf.data | torch DataLoader "
-           "| tlflax / tf.data | tlflax / torch | tf.data, no antialias |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| tlflax / tf.data | tlflax / torch | tf.data, no antialias | DALI (CPU) |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for row in rows:
+    dali = f"{row['DALI (CPU)']:.0f}" if "DALI (CPU)" in row else "not installed"
     lines.append(f"| {row['transform']} | {row['workers']} | {row['tlflax']:.0f} | "
                  f"{row['tf.data']:.0f} | {row['torch']:.0f} | "
                  f"{row['tlflax'] / row['tf.data']:.2f} | {row['tlflax'] / row['torch']:.2f} | "
-                 f"{row['tf.data, no antialias']:.0f} |")
+                 f"{row['tf.data, no antialias']:.0f} | {dali} |")
   by_workers = {(r["transform"], r["workers"]): r["tlflax"] for r in rows}
   for transform in ("train", "eval"):
     counts = sorted(w for t, w in by_workers if t == transform)

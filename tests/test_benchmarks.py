@@ -87,11 +87,14 @@ def test_gpu_throughput_peaks_by_device_kind_and_ratios_pair_the_right_rows():
 
 # About a minute on 2 cores, most of it XLA compiling two ResNet-18 steps.
 @pytest.mark.slow
-def test_gpu_throughput_benchmark_measures_every_row_in_tiny_mode(monkeypatch, capsys):
+@pytest.mark.parametrize("engine", ["pil", "dali_cpu"])
+def test_gpu_throughput_benchmark_measures_every_row_in_tiny_mode(monkeypatch, capsys, engine):
+  if engine != "pil":
+    pytest.importorskip("nvidia.dali")
   gpu_throughput = load_benchmark("gpu_throughput")
   # main() sets JAX's share of GPU memory where it is unset: not for the later tests.
   monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
-  rows = gpu_throughput.main(["--tiny"])
+  rows = gpu_throughput.main(["--tiny", "--engine", engine])
   expected = [(framework, step, data_kind) for framework in ("tlflax", "torch")
               for step, _ in gpu_throughput.STEP_KINDS for data_kind in ("real", "synthetic")]
   assert [(row["framework"], row["step"], row["data"]) for row in rows] == expected
@@ -106,6 +109,7 @@ def test_gpu_throughput_benchmark_measures_every_row_in_tiny_mode(monkeypatch, c
     assert f"| {framework} | {step} | {data_kind} |" in out
   assert "| images/s | ms/step |" in out and "| unknown |" in out
   assert "tlflax head only: real / synthetic = " in out
+  assert ("batches made by NVIDIA DALI (data.engine='dali_cpu'" in out) == (engine != "pil")
 
 
 @pytest.mark.slow  # starts TensorFlow, PyTorch and Grain's worker processes
@@ -118,8 +122,12 @@ def test_input_pipeline_benchmark_measures_every_loader(capsys):
   cores = os.cpu_count() or 1
   assert [(row["transform"], row["workers"]) for row in rows] == [
       (transform, workers) for transform in ("train", "eval") for workers in sorted({1, cores})]
+  loaders = ["tlflax", "tf.data", "torch", "tf.data, no antialias"]
+  if input_pipeline.dali_installed():
+    loaders.append("DALI (CPU)")
   for row in rows:
-    for loader in ("tlflax", "tf.data", "torch", "tf.data, no antialias"):
+    assert sorted(row) == sorted(loaders + ["transform", "workers"])
+    for loader in loaders:
       assert row[loader] > 0, (row, loader)
   assert all(len(values) == 1 and values[0] > 0 for values in ratios.values()) and (
       sorted(ratios) == (["eval", "train"] if cores > 1 else []))

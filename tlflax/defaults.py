@@ -54,6 +54,11 @@ def base_config() -> ml_collections.ConfigDict:
       # Worker processes (Grain) that decode and augment batches: -1 = one per
       # CPU core where images are files to decode; 0 = threads in this process.
       num_workers=-1,
+      # Who decodes and transforms image files: "pil" (Grain workers, any
+      # host), "dali" (NVIDIA DALI on the GPU; pip install nvidia-dali-cuda120)
+      # or "dali_cpu" (the same DALI graph on the host's cores). See
+      # tlflax/data/dali_engine.py for what changes in the pixels.
+      engine="pil",
   ))
 
   config.batch_size = 128     # global batch, split over all devices

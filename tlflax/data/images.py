@@ -231,19 +231,30 @@ def resize_and_center_crop(pixels: np.ndarray | Image.Image, resize_size: int, c
   if crop_size > resize_size:
     raise ValueError(f"crop_size {crop_size} is larger than resize_size {resize_size}.")
   image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
-  width, height = image.size
-  short, long = min(height, width), max(height, width)
-  new_long = int(resize_size * long / short)
-  new_height, new_width = ((resize_size, new_long) if height <= width
-                           else (new_long, resize_size))
+  new_height, new_width, top, left = resize_and_crop_geometry(
+      image.height, image.width, resize_size, crop_size)
   # The whole image is resized, then cropped: resizing only the crop's box
   # (PIL's `box=`) is cheaper but moves pixels by up to 2 of 255 from
   # torchvision's, through PIL's rounding of the filter weights.
   resized = image.resize((new_width, new_height), _INTERPOLATIONS[interpolation])
+  return np.asarray(resized.crop((left, top, left + crop_size, top + crop_size)), np.uint8)
+
+
+def resize_and_crop_geometry(height: int, width: int, resize_size: int, crop_size: int
+                             ) -> tuple[int, int, int, int]:
+  """Where `resize_and_center_crop` resizes to and cuts: torchvision's `Resize(int)` + `CenterCrop`.
+
+  Returns:
+    (resized height, resized width, crop top, crop left).
+  """
+  short, long = min(height, width), max(height, width)
+  new_long = int(resize_size * long / short)
+  new_height, new_width = ((resize_size, new_long) if height <= width
+                           else (new_long, resize_size))
   # Python's round (half to even) is what torchvision's CenterCrop uses.
   top = int(round((new_height - crop_size) / 2.0))
   left = int(round((new_width - crop_size) / 2.0))
-  return np.asarray(resized.crop((left, top, left + crop_size, top + crop_size)), np.uint8)
+  return new_height, new_width, top, left
 
 
 def normalize(pixels: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:

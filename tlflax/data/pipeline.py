@@ -362,7 +362,8 @@ def build(data_config, split: str, training: bool, global_batch_size: int, seed:
 
   Args:
     data_config: `config.data` (source, name, data_dir, path, splits, sizes,
-      mean/std, augment, train_examples_per_class).
+      mean/std, augment, train_examples_per_class, engine: "pil", or "dali" /
+      "dali_cpu" for NVIDIA DALI, see `dali_engine`).
     split: "train" or "eval".
     training: shuffle, augment and drop the remainder (True), or keep the
       order, apply the eval transform and pad the last batch (False).
@@ -377,7 +378,7 @@ def build(data_config, split: str, training: bool, global_batch_size: int, seed:
       None = `data_config.num_workers` (default -1).
 
   Returns:
-    A `Dataset`.
+    A `Dataset` (a `dali_engine.DaliDataset` for the DALI engines).
   """
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(f"Bad process_index {process_index} of process_count {process_count}.")
@@ -425,10 +426,18 @@ def build(data_config, split: str, training: bool, global_batch_size: int, seed:
   if num_workers < 0:
     # Processes pay off where the GIL holds threads back: decoding files.
     num_workers = max(1, os.cpu_count() or 1) if source.decodes else 0
-  return Dataset(
+  dataset = Dataset(
       num_examples=num_examples, num_classes=len(class_names), class_names=class_names,
       steps_per_epoch=steps, global_batch_size=global_batch_size,
       local_batch_size=global_batch_size // process_count, training=training,
       image_size=image_size, augment=augment, seed=int(seed), process_index=process_index,
       process_count=process_count, source=source, example_ids=example_ids,
       preprocessing=preprocessing, num_threads=num_threads, num_workers=num_workers)
+  engine = data_config.get("engine", "pil")
+  if engine == "pil":
+    return dataset
+  # Imported here: it imports this module.
+  from tlflax.data import dali_engine  # pylint: disable=import-outside-toplevel
+  dali_engine.check_dataset(dataset, engine)
+  fields = {f.name: getattr(dataset, f.name) for f in dataclasses.fields(Dataset)}
+  return dali_engine.DaliDataset(**fields, engine=engine)

@@ -220,6 +220,11 @@ def random_resized_box(height: int, width: int, uniforms: np.ndarray) -> tuple[i
   return (height - box_height) // 2, (width - box_width) // 2, box_height, box_width
 
 
+def random_resized_flip(uniforms: np.ndarray) -> bool:
+  """Whether "random_resized_crop" flips the example drawn with these uniforms."""
+  return bool(uniforms[4 * RRC_ATTEMPTS] < 0.5)
+
+
 def _random_resized_crop(pixels: Pixels, uniforms: np.ndarray, image_size: int) -> np.ndarray:
   height, width = _height_width(pixels)
   top, left, box_height, box_width = random_resized_box(height, width, uniforms)
@@ -229,7 +234,7 @@ def _random_resized_crop(pixels: Pixels, uniforms: np.ndarray, image_size: int) 
   # filter read pixels outside the box, and costs the same).
   resized = image.crop((left, top, left + box_width, top + box_height)).resize(
       (image_size, image_size), Image.Resampling.BILINEAR)
-  if uniforms[4 * RRC_ATTEMPTS] < 0.5:
+  if random_resized_flip(uniforms):
     # In PIL, before the one copy into an array (a tenth of the cost of a
     # reversed-stride copy in numpy).
     resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

@@ -90,6 +90,9 @@ def cache_key(model_name: str, model, stage: str, variables, data_config, split:
   data["mean"], data["std"] = list(data_config.mean), list(data_config.std)
   data["split"] = data_config.train_split if split == "train" else data_config.eval_split
   data["eval_on_unused_train"] = bool(data_config.get("eval_on_unused_train", False))
+  engine = data_config.get("engine", "pil")
+  if engine != "pil":  # DALI's pixels differ from PIL's (keys of "pil" runs stay as they were)
+    data["engine"] = engine
   description = {"version": FORMAT_VERSION, "model": model_name, "stage": stage,
                  "dtype": str(jnp.dtype(model.dtype)), "data": data,
                  "examples": len(example_ids)}
