@@ -60,6 +60,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tlflax import data, defaults  # pylint: disable=wrong-import-position
 from tlflax.data import tensorflow_setup  # pylint: disable=wrong-import-position
+from tlflax.data.images import ImageError  # pylint: disable=wrong-import-position
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 BATCH = 32
@@ -240,12 +241,18 @@ def measure(root: str, repeats: int, cores: int) -> list[dict]:
                          *((("DALI (CPU)",
                              lambda: tlflax_pass(root, training, workers, "dali_cpu")),)
                            if dali_installed() else ())):
-        one_pass, count = make()
+        try:
+          one_pass, count = make()
+        except ImageError as e:  # DALI takes JPEGs only; the folder holds another image
+          print(f"  {name}: not measured: {e}")
+          row[name] = None
+          continue
         row[name] = count / time_passes(one_pass, repeats)
         getattr(one_pass, "close", lambda: None)()
       rows.append(row)
       print(f"  {row['transform']:5} {workers} worker(s): " + ", ".join(
-          f"{k} {v:.0f}/s" for k, v in row.items() if k not in ("transform", "workers")),
+          f"{k} {v:.0f}/s" for k, v in row.items()
+          if k not in ("transform", "workers") and v is not None),
             flush=True)
   return rows
 
@@ -284,7 +291,8 @@ def table(title: str, rows: list[dict]) -> str:
            "| tlflax / tf.data | tlflax / torch | tf.data, no antialias | DALI (CPU) |",
            "|---|---|---|---|---|---|---|---|---|"]
   for row in rows:
-    dali = f"{row['DALI (CPU)']:.0f}" if "DALI (CPU)" in row else "not installed"
+    dali = ("not installed" if "DALI (CPU)" not in row else
+            "- (not JPEGs only)" if row["DALI (CPU)"] is None else f"{row['DALI (CPU)']:.0f}")
     lines.append(f"| {row['transform']} | {row['workers']} | {row['tlflax']:.0f} | "
                  f"{row['tf.data']:.0f} | {row['torch']:.0f} | "
                  f"{row['tlflax'] / row['tf.data']:.2f} | {row['tlflax'] / row['torch']:.2f} | "
