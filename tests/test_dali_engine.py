@@ -141,3 +141,31 @@ def test_without_dali_the_error_says_how_to_install_it(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # import fails as if not installed
   with pytest.raises(ImportError, match="pip install nvidia-dali-cuda120"):
     data.build(config(root, "dali_cpu"), "train", training=True, global_batch_size=4)
+
+
+def test_a_training_run_reads_its_batches_through_dali(tmp_path, monkeypatch):
+  """The training loop, evaluation and checkpoints take DALI's batches as they take PIL's."""
+  pytest.importorskip("nvidia.dali")
+  from tlflax import training  # pylint: disable=import-outside-toplevel
+  from tlflax.data import dali_engine  # pylint: disable=import-outside-toplevel
+  from tlflax.training import metrics  # pylint: disable=import-outside-toplevel
+  root = write_jpegs(tmp_path / "images", count=(16, 8))
+  run_config = defaults.base_config()
+  run_config.data = config(root, "dali_cpu")
+  run_config.batch_size = run_config.eval_batch_size = 8
+  run_config.num_train_steps, run_config.log_every_steps = 4, 1
+  planned = []
+  original = dali_engine.DaliDataset._plan
+
+  def spy(self, step):
+    planned.append((self.training, step))
+    return original(self, step)
+
+  monkeypatch.setattr(dali_engine.DaliDataset, "_plan", spy)
+  result = training.train_and_evaluate(run_config, str(tmp_path / "run"))
+  assert np.isfinite(result["eval/loss"])
+  # 2 batches an epoch: steps 0-3 of training, and each evaluation's one batch.
+  assert [step for is_training, step in planned if is_training] == [0, 1, 2, 3]
+  assert any(not is_training for is_training, _ in planned)
+  lines = metrics.read_metrics(str(tmp_path / "run"))
+  assert {line["split"] for line in lines} == {"train", "eval"}
