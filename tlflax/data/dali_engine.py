@@ -65,30 +65,25 @@ class DaliDataset(pipeline.Dataset):
   """A `Dataset` whose batches DALI decodes and transforms.
 
   Attributes:
-    engine: "dali" (GPU) or "dali_cpu".
-    device_id: the GPU DALI uses with engine "dali".
+    engine: "dali" (GPU: the process's first visible one) or "dali_cpu".
 
   DALI runs `num_threads` CPU threads (the decoding itself with "dali_cpu").
   """
   engine: str = "dali"
-  device_id: int = 0
-
-  def stream(self, start: int, stop: int) -> Iterator[dict[str, np.ndarray]]:
-    """The batches of global steps `start` ... `stop - 1`, as `Dataset.stream`."""
-    if not 0 <= start <= stop:
-      raise ValueError(f"Need 0 <= start <= stop, got {start} and {stop}.")
-    if start == stop:
-      return iter(())
-    return self._stream(start, stop)
-
-  def batch(self, epoch: int, step: int) -> dict[str, np.ndarray]:
-    """Batch `step` of `epoch` alone, as `Dataset.batch`."""
-    if not 0 <= step < self.steps_per_epoch:
-      raise ValueError(f"step {step} is outside 0..{self.steps_per_epoch - 1}.")
-    first = epoch * self.steps_per_epoch + step
-    return next(self._stream(first, first + 1))
 
   def _stream(self, start: int, stop: int) -> Iterator[dict[str, np.ndarray]]:
+    """The batches of steps `start` ... `stop - 1` (checked by `Dataset.stream`), from DALI."""
+    if start == stop:
+      return iter(())  # no DALI pipeline for nothing
+    return self._dali_stream(start, stop)
+
+  def _batch(self, epoch: int, step: int, workers, allocate=None) -> dict[str, np.ndarray]:
+    """One batch alone (`Dataset.batch`), through its own DALI pipeline."""
+    del workers, allocate
+    first = epoch * self.steps_per_epoch + step
+    return next(self._dali_stream(first, first + 1))
+
+  def _dali_stream(self, start: int, stop: int) -> Iterator[dict[str, np.ndarray]]:
     dali = import_dali()
     plans = (self._plan(step) for step in range(start, stop))
     graph = self._graph(dali, plans)
@@ -112,7 +107,7 @@ class DaliDataset(pipeline.Dataset):
     device = _DECODER_DEVICE[self.engine]
     graph = dali.Pipeline(batch_size=self.local_batch_size,
                           num_threads=max(1, self.num_threads),
-                          device_id=self.device_id if self.engine == "dali" else None,
+                          device_id=0 if self.engine == "dali" else None,
                           prefetch_queue_depth=2)
     with graph:
       augmented = self.augment == "random_resized_crop"
@@ -145,7 +140,7 @@ class DaliDataset(pipeline.Dataset):
       ids = self.example_ids[:1]
     raws, labels = self.source.read(ids)
     encoded = [encoded_jpeg(self.source, raw) for raw in raws]
-    shapes = [jpeg_height_width(data, _name(_item(self.source, raw)))
+    shapes = [jpeg_height_width(data, image_files.image_name(_item(self.source, raw)))
               for data, raw in zip(encoded, raws)]
     augmented = self.augment == "random_resized_crop"
     if augmented:
@@ -219,10 +214,6 @@ def _item(source: sources.ExampleSource, raw: Any) -> Any:
   return _item(source.parts[raw[0]], raw[1]) if isinstance(source, sources.ConcatSource) else raw
 
 
-def _name(item: Any) -> str:
-  return str(item) if isinstance(item, (str, os.PathLike)) else "an encoded image"
-
-
 def check_dataset(dataset: pipeline.Dataset, engine: str) -> None:
   """Fails early, with what to do, where DALI cannot make this dataset's batches."""
   if engine not in ENGINES:
@@ -242,6 +233,6 @@ def check_dataset(dataset: pipeline.Dataset, engine: str) -> None:
     raws, _ = dataset.source.read(ids)
     for raw in raws:
       item = _item(dataset.source, raw)
-      jpeg_height_width(item, _name(item))
+      jpeg_height_width(item, image_files.image_name(item))
   else:
     jpeg_height_width(encoded_jpeg(dataset.source, raws[0]), "the first image")

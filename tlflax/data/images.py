@@ -154,18 +154,19 @@ def open_rgb(path, background: tuple[int, int, int] = (255, 255, 255)) -> Image.
     ImageOps.exif_transpose(image, in_place=True)
     return rgb_image(image, background)
   except Image.DecompressionBombError as e:
-    raise ImageError(f"{_name(path)} is too large to decode safely ({e}). PIL refuses images "
+    raise ImageError(f"{image_name(path)} is too large to decode safely ({e}). PIL refuses images "
                      "this big as a guard against decompression bombs; downscale it first.") from e
   except (OSError, ValueError, SyntaxError) as e:
     # UnidentifiedImageError (not an image), truncated data, broken headers.
-    raise ImageError(f"Cannot read {_name(path)} as an image: {e}") from e
+    raise ImageError(f"Cannot read {image_name(path)} as an image: {e}") from e
 
 
 class ImageError(OSError):
   """An image file that cannot be read (not an image, truncated, too large), named."""
 
 
-def _name(path) -> str:
+def image_name(path) -> str:
+  """How an error names an image: its path, or "an encoded image" for bytes or a file object."""
   return os.fspath(path) if isinstance(path, (str, os.PathLike)) else "an encoded image"
 
 

@@ -159,6 +159,10 @@ class Dataset:
     """
     if not 0 <= start <= stop:
       raise ValueError(f"Need 0 <= start <= stop, got {start} and {stop}.")
+    return self._stream(start, stop)
+
+  def _stream(self, start: int, stop: int) -> Iterator[dict[str, np.ndarray]]:
+    """`stream` after its checks: worker processes or threads, whichever repays itself."""
     images = (stop - start) * self.local_batch_size
     if self.num_workers > 0 and images >= MIN_IMAGES_FOR_PROCESSES:
       return self._stream_in_processes(start, stop)
