@@ -74,6 +74,7 @@ def expected_stages(name):
       # torchvision's features[1..7] / Keras' block1..7, then the 1x1 "top" convolution;
       # EfficientNetV2-S has six stages.
       "efficientnet": ["stem", *numbered(6 if name == "efficientnet_v2_s" else 7), "top"],
+      "efficientnet_lite": ["stem", *numbered(7), "top"],  # B0's stages, as Google builds Lite
       "inception": ["stem", *numbered(3)],  # Mixed_5x, Mixed_6x, Mixed_7x
       "xception": ["stem", *numbered(5)],  # 3 entry-flow blocks, the middle flow, the exit flow
       "vit": ["stem", *numbered(4)],  # the blocks in four groups

