@@ -22,9 +22,8 @@ method probe, depth2, depth1, depth0, full or lp_ft and init pretrained or
 random (e.g. `probe-pretrained__seed-0`, `lp_ft-random__seed-2`), each in
 `workdirs/cifar_to_ants/<point>`; finished points are skipped when rerun.
 results.md has one row per (method, init), named `<method>-<init>`, with
-its accuracy as mean ± sample std over the seeds; `accuracy_vs_depth.png`
-puts each row at its freezing depth ("full" for full fine-tuning and LP-FT,
-whose `stages` do their own freezing). Preprocessing is deterministic
+its accuracy as mean ± sample std over the seeds; `accuracy_by_group.png`
+shows each row as one position, its mean ± sd and every seed as a dot. Preprocessing is deterministic
 (resize + centre crop), so frozen runs train from the frozen-prefix cache, in
 the default cache directory `$TLFLAX_CACHE_DIR/prefix`
 (`~/.cache/tlflax/prefix`), shared with other runs (entries are keyed by the

@@ -41,8 +41,9 @@ About 4 minutes on 2 CPU cores (`tests/test_train.py` runs it as it is).
 from tlflax import defaults
 from tlflax.sweeps import seeded
 
-SWEEP_TITLE = ("Transfer from digits 0-4 to digits 5-9 with 5 labels per class "
-               "(CIFAR ResNet-20, 32x32)")
+# Above the table and the plot (accuracy_by_group.png: one position per way).
+SWEEP_TITLE = ("Digits 5-9 from 5 labels per class: scratch vs a network pretrained on "
+               "digits 0-4, frozen or fine-tuned (CIFAR ResNet-20, 32x32)")
 SWEEP_COLUMNS = ("init.weights", "freeze.rules")  # what tells the rows apart
 # The target task's budget and data, shared by every run after pretraining.
 TARGET = {"data.name": "target", "data.train_examples_per_class": 5, "batch_size": 24,

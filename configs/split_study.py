@@ -22,8 +22,8 @@ stage2 copied from `baseA` by `init.up_to_stage="stage2"` and frozen by
 Each point trains in `workdirs/split_study/<point>`; finished points are
 skipped when rerun. results.md has one row per baseA, baseB and (curve, k),
 mean ± sample std over the seeds, with the units copied (`init.up_to_stage`)
-and the frozen ones (`freeze.rules`); `accuracy_vs_init_up_to_stage.png`
-plots each row against the last unit copied.
+and the frozen ones (`freeze.rules`); `accuracy_by_group.png` shows each
+row as one position, its mean ± sd and every seed as a dot.
 
 Every B run has the same budget and data; the preprocessing is deterministic
 (`data.augment="none"`) so frozen runs train from the frozen-prefix cache,

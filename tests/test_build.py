@@ -1,13 +1,20 @@
 """From a config to a model and its starting variables (build.py), on a tiny CIFAR ResNet."""
 
+import json
+import logging
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from tlflax import build, defaults, freeze, models, optim, steps, weights
+from tlflax.cli import train as train_cli
 from tlflax.training import checkpoint
-from tlflax.tree import flatten
+from tlflax.training import workdir as workdir_lib
+from tlflax.tree import flatten, unflatten
+from tlflax.weights import native
 
 SEED = 3
 HEAD = ["params/head/bias", "params/head/kernel"]
@@ -47,6 +54,7 @@ def fixture_runs(tmp_path_factory):
     variables = filled(models.get_model("cifar_resnet20", num_classes=classes), seed=classes)
     workdir = str(tmp_path_factory.mktemp("runs") / f"classes{classes}")
     runs[classes] = save_run(workdir, variables), flatten(variables)
+    workdir_lib.write_class_names(workdir, [f"class{k}" for k in range(classes)])
   return runs
 
 
@@ -126,6 +134,106 @@ def test_a_head_of_the_same_shape_is_new_unless_keep_head(runs, scratch):
                      num_classes=10)
   assert_flat_equal(flatten(kept.variables), saved)
   assert kept.report == weights.MergeReport(loaded=sorted(saved), reinitialised=[], skipped=[])
+
+
+CLASSES = [f"class{k}" for k in range(10)]  # what the run with 10 classes recorded
+
+
+def build_logged(caplog, config, class_names, num_classes=10):
+  """`build` for a task with `class_names`; returns (flat variables, the head's log line)."""
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger="tlflax.build"):
+    built = build.build(config, num_classes=num_classes, class_names=class_names)
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(("Kept", "New"))]
+  assert len(lines) == 1, lines
+  return flatten(built.variables), lines[0]
+
+
+def test_the_head_is_kept_when_it_predicts_the_tasks_classes(runs, scratch, caplog):
+  workdir, saved = runs[10]
+  config = make_config(weights=workdir, source="workdir")
+  new_head = {**body(saved), **{k: scratch[k] for k in HEAD}}
+  variables, line = build_logged(caplog, config, CLASSES)   # a run that continues the run
+  assert_flat_equal(variables, saved)
+  assert line == (f"Kept the head of {workdir} (classes class0, class1, class2, class3, class4, "
+                  "class5, class6, class7, class8, class9).")
+  variables, line = build_logged(caplog, config, [f"digit{k}" for k in range(10)])
+  assert_flat_equal(variables, new_head)
+  assert line.startswith("New head: the source's classes (class0, class1, ") and line.endswith(
+      "are not this task's (digit0, digit1, digit2, digit3, digit4, digit5, digit6, digit7, "
+      "digit8, digit9).")
+  variables, line = build_logged(caplog, config, None)   # the task's classes are unknown
+  assert_flat_equal(variables, new_head)
+  assert line == ("New head: this task has no class names to match the head's 10 classes "
+                  "with; config.init.keep_head=True keeps it.")
+  # keep_head decides explicitly, whatever the names.
+  variables, line = build_logged(
+      caplog, make_config(weights=workdir, source="workdir", keep_head=False), CLASSES)
+  assert_flat_equal(variables, new_head)
+  assert line == "New head: config.init.keep_head=False."
+  variables, line = build_logged(
+      caplog, make_config(weights=workdir, source="workdir", keep_head=True), ["x"] * 10)
+  assert_flat_equal(variables, saved)
+  assert line == f"Kept the head of {workdir} (config.init.keep_head=True)."
+  # Copying the first stages only never keeps the head.
+  _, line = build_logged(
+      caplog, make_config(weights=workdir, source="workdir", up_to_stage="stage3"), CLASSES)
+  assert line == "New head: init.up_to_stage='stage3' copies the network up to that stage only."
+
+
+def test_a_head_of_other_classes_or_of_unknown_classes_is_new(runs, scratch, caplog, tmp_path):
+  workdir, saved = runs[5]
+  variables, line = build_logged(caplog, make_config(weights=workdir, source="workdir"), CLASSES)
+  assert_flat_equal(variables, {**body(saved), **{k: scratch[k] for k in HEAD}})
+  assert line == "New head: the source's head has 5 classes, this task 10."
+  # A run from before class names were recorded.
+  unnamed = save_run(str(tmp_path / "unnamed"), unflatten(runs[10][1]))
+  _, line = build_logged(caplog, make_config(weights=unnamed, source="workdir"), CLASSES)
+  assert line == (f"New head: {unnamed} records no class names to match the head's 10 classes "
+                  "with; config.init.keep_head=True keeps it.")
+
+
+@pytest.mark.parametrize("task, how", [
+    (CLASSES[::-1], "the same classes in another order"),
+    (CLASSES[:9] + ["other"], "10 classes, some of them this task's"),
+])
+def test_the_same_number_of_classes_under_other_names_or_order_is_an_error(runs, task, how):
+  workdir, _ = runs[10]
+  with pytest.raises(weights.WeightsError) as raised:
+    build.build(make_config(weights=workdir, source="workdir"), num_classes=10, class_names=task)
+  assert str(raised.value) == (
+      f"The head of {workdir} predicts {how}: its classes are {', '.join(CLASSES)}; this "
+      f"task's are {', '.join(task)}. Set --config.init.keep_head=False for a new head, or "
+      "--config.init.keep_head=True to keep this head as it is (its outputs keep the "
+      "source's order).")
+
+
+def test_the_class_names_of_weights_that_are_no_run(tmp_path):
+  imagenet = build.source_class_names(make_config(weights="resnet18.tv_in1k"))
+  assert len(imagenet) == 1000 and imagenet[0] == "tench"
+  converted = tmp_path / "converted"
+  converted.mkdir()
+  (converted / "provenance.json").write_text(
+      json.dumps({"format": native.FORMAT, "class_names": ["a", "b"]}))
+  assert build.source_class_names(make_config(weights=str(converted), source="tlflax")) == [
+      "a", "b"]
+  # A weight file the registry does not know by name carries none.
+  assert build.source_class_names(make_config(weights=str(tmp_path / "my.pth"),
+                                              source="torchvision")) is None
+  assert build.source_class_names(make_config()) is None
+
+
+def test_keep_head_on_the_command_line_is_true_false_or_unset():
+  config_file = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "digits.py")
+  for given, expected in ((None, None), ("True", True), ("False", False), ("false", False)):
+    argv = [f"--config={config_file}", "--workdir=unused"] + (
+        [] if given is None else [f"--config.init.keep_head={given}"])
+    values = train_cli.define_flags(argv)
+    values([train_cli.PROGRAM, *argv])
+    assert values.config.init.keep_head is expected, given
+  config = defaults.base_config()
+  config.init.keep_head = True   # a config file sets it as a plain bool
+  assert config.init.keep_head is True
 
 
 def test_up_to_stage_copies_the_stem_to_that_stage_only(source, scratch):

@@ -1,5 +1,6 @@
 """Image preprocessing (data/images.py) and the classifier as it is (classify.py)."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tlflax import weights
-from tlflax.inference import classify
+from tlflax.inference import classify, image_folders
 from tlflax.data import images
 from tlflax.weights import native, registry
 from tlflax.weights.merge import WeightsError
@@ -221,3 +222,143 @@ def test_load_classifier_takes_recipe_from_a_file_name(tmp_path):
   assert classifier.preprocessing == registry.get("resnet18.tv_in1k").preprocessing
   assert classifier.class_names[0] == "tench"
   assert "resnet18.tv_in1k" in classifier.description
+
+
+# ----------------------------------------------------------------------------
+# Folders: images found recursively, accuracy from class folders
+# ----------------------------------------------------------------------------
+
+FOLDER_CLASSES = ("tench", "goldfish", "great white shark")  # ImageNet classes 0, 1, 2
+COLOURS = ((220, 30, 30), (30, 220, 30), (30, 30, 220))  # what the model calls each of them
+
+
+def colour_checkpoint(tmp_path):
+  """A resnet18 checkpoint whose top guess is ImageNet class 0, 1 or 2 by an image's colour.
+
+  The head compares the pooled features of an image with those of the three
+  colours (centred on their mean), with margins of many logits, so the guesses
+  are known in advance and mixed; the other 997 classes never win.
+  """
+  model = torch_resnet18(seed=1)
+  body = torch.nn.Sequential(*list(model.children())[:-1])
+  with torch.no_grad():
+    plain = np.stack([np.full((SMALL.crop_size, SMALL.crop_size, 3), c, np.uint8)
+                      for c in COLOURS])
+    features = body(torch.tensor(images.normalize(plain, SMALL)).permute(0, 3, 1, 2)).flatten(1)
+    centred = features - features.mean(0)
+    model.fc.weight.zero_()
+    model.fc.bias.fill_(-1e4)
+    model.fc.weight[:3] = 100 * centred / centred.norm(dim=1, keepdim=True)
+    model.fc.bias[:3] = -model.fc.weight[:3] @ features.mean(0)
+  checkpoint = str(tmp_path / "ckpt")
+  path = save_state_dict(model, tmp_path / "r18.pth")
+  native.save(checkpoint, weights.load("resnet18", path, source="torchvision"),
+              {"model_name": "resnet18", "source": "torchvision", "input_file": "r18.pth",
+               "preprocessing": SMALL.to_dict(), "class_names": "imagenet1k"})
+  return checkpoint
+
+
+def class_folder_tree(root):
+  """Images in class folders, two of them of another class's colour; a misc folder; two non-images.
+
+  Returns:
+    {path relative to root: the colour's class index}.
+  """
+  layout = {"tench/0.png": 0, "tench/1.png": 0, "tench/2.png": 1,
+            "goldfish/0.png": 1, "goldfish/1.png": 1, "goldfish/deeper/2.png": 2,
+            "great white shark/0.png": 2, "great white shark/1.png": 2, "misc/0.png": 0}
+  rng = np.random.default_rng(0)
+  for relative, colour in layout.items():
+    (root / relative).parent.mkdir(parents=True, exist_ok=True)
+    noise = rng.integers(-10, 11, (50, 61, 3))  # not flat: every image a little different
+    Image.fromarray((np.array(COLOURS[colour]) + noise).astype(np.uint8)).save(root / relative)
+  (root / "tench" / "notes.txt").write_text("not an image")
+  (root / "tench" / "broken.jpg").write_text("not a jpeg either")
+  return layout
+
+
+def read_csv(path):
+  with open(path, newline="", encoding="utf-8") as f:
+    return list(csv.reader(f))
+
+
+def test_score_counts_a_known_case():
+  scored = image_folders.score([0, 0, 1, None, 2], [0, 1, 1, 0, 5], list("abcdef"))
+  assert scored.classes == ["a", "b", "c"] and scored.columns == ["a", "b", "c", "(another class)"]
+  np.testing.assert_array_equal(scored.confusion, [[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]])
+  assert scored.accuracy == 0.5  # 2 of 4 labelled images; the unlabelled one is left out
+  assert image_folders.score([None], [0], ["a"]) is None
+
+
+def test_classify_a_folder_of_class_folders(tmp_path, capsys):
+  checkpoint = colour_checkpoint(tmp_path)
+  root = tmp_path / "val"
+  colours = class_folder_tree(root)
+  report = tmp_path / "report"
+  assert classify_cli.main(["--weights", checkpoint, "--top_k", "2", "--output_dir",
+                            str(report), str(root)]) == 0
+  out = capsys.readouterr().out
+
+  predictions = read_csv(report / "predictions.csv")
+  header, rows = predictions[0], predictions[1:]
+  assert header[:6] == ["path", "class_folder", "label", "correct", "guess_1", "probability_1"]
+  guessed = {os.path.relpath(row[0], root): row[4] for row in rows}
+  assert set(guessed) == set(colours)  # found recursively; the note and the broken file skipped
+  assert guessed == {path: FOLDER_CLASSES[c] for path, c in colours.items()}  # the model works
+  assert f"Skipped 2 files that are not images: {root}/tench/notes.txt (not an image file " in out
+  assert f"{root}/tench/broken.jpg (cannot identify image file" in out
+  # The misc folder is named, classified, and left out of the accuracy.
+  assert (f"{root}: not scored: 1 image in 1 sub-folder that names no class of the model "
+          "(classified all the same): 'misc'.") in out
+  scored = [row for row in rows if row[2]]
+  assert len(scored) == 8 and all(row[2] == row[1] for row in scored)
+
+  # The accuracy is the share of scored images whose top guess is their folder's class.
+  right = sum(row[4] == row[2] for row in scored)
+  assert all(row[3] == str(int(row[4] == row[2])) for row in scored)
+  assert f"Accuracy (top-1): {right / 8:.2%}, {right} of 8 images in 3 class folders." in out
+  accuracy = read_csv(report / "accuracy.csv")
+  assert accuracy[0] == ["class", "images", "correct", "accuracy"]
+  assert accuracy[-1][:3] == ["(all)", "8", str(right)]
+  assert float(accuracy[-1][3]) == pytest.approx(right / 8, abs=1e-6)  # written with 6 decimals
+
+  confusion = read_csv(report / "confusion.csv")
+  assert confusion[0][1:] == [*FOLDER_CLASSES, "(another class)"]
+  assert [row[0] for row in confusion[1:]] == list(FOLDER_CLASSES)
+  matrix = np.array([[int(n) for n in row[1:]] for row in confusion[1:]])
+  np.testing.assert_array_equal(matrix.sum(axis=1), [3, 3, 2])  # each folder's images
+  for r, true in enumerate(FOLDER_CLASSES):
+    for c, guess in enumerate(FOLDER_CLASSES):
+      assert matrix[r, c] == sum(row[2] == true and row[4] == guess for row in scored)
+  np.testing.assert_array_equal(matrix, [[2, 1, 0, 0], [0, 2, 1, 0], [0, 0, 2, 0]])
+  assert right == 6
+  for name in ("predictions.csv", "accuracy.csv", "confusion.csv"):
+    assert str(report / name) in out
+  assert sorted(os.listdir(root)) == ["goldfish", "great white shark", "misc", "tench"]
+
+
+def test_classify_folders_that_cannot_be_scored(tmp_path, capsys, monkeypatch):
+  checkpoint = colour_checkpoint(tmp_path)
+  root = tmp_path / "photos"
+  for name in ("2023", "2024"):
+    (root / name).mkdir(parents=True)
+    Image.fromarray(random_pixels(40, 40, len(name))).save(root / name / "a.jpg")
+  monkeypatch.chdir(tmp_path)
+  assert classify_cli.main(["--weights", checkpoint, "photos"]) == 0
+  out = capsys.readouterr().out
+  assert "photos: not scored: none of its sub-folders is a class of the model ('2023'" in out
+  assert "Accuracy" not in out
+  assert sorted(os.listdir(tmp_path / "classify_results")) == ["predictions.csv"]
+
+  # The default report folder would land among the images: refused, before any work.
+  monkeypatch.chdir(root)
+  assert classify_cli.main(["--weights", checkpoint, "."]) == 1
+  error = capsys.readouterr().err
+  assert error.startswith("tlflax.cli.classify: error: The reports would be written to "
+                          "classify_results, inside the image folder .;")
+  assert not (root / "classify_results").exists()
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  (empty / "readme.md").write_text("no images here")
+  assert classify_cli.main(["--weights", checkpoint, str(empty)]) == 1
+  assert f"{empty} holds no image files" in capsys.readouterr().err

@@ -8,6 +8,7 @@ status a shell sees) start one.
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,7 +92,8 @@ def test_config_files_that_do_not_load(capsys, tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["--config.model.name=resnet19"], "Unknown model 'resnet19'. Known models: "),
     (["--config.data.source=csv"], "Unknown config.data.source 'csv'; use one of "),
-    (["--config.batch_size=-4"], "batch_size=-4: use a positive number of images per batch."),
+    (["--config.batch_size=-4"], "config.batch_size=-4: batch_size is the images of one "
+                                 "training step, over all devices; use a whole number >= 1."),
     (["--config.batch_size=12"], "batch_size=12 does not divide over 8 devices; use a multiple "
                                  "of 8."),
     (["--config.batch_size=8000"], "The train split has 721 examples, fewer than one global "
@@ -254,9 +256,22 @@ def test_a_refused_resume_writes_nothing(capsys, tmp_path):
   before = sorted(os.listdir(workdir))
   line = one_error_line(capsys, DIGITS, *SMALL, f"--workdir={workdir}",
                         "--config.model.name=cifar_resnet32")
-  assert line.startswith(f"The checkpoint of step 2 in {workdir}/checkpoints does not fit the "
-                         "state this run builds:")
+  # Finished: another model is another setting, refused before anything is built.
+  assert line.startswith(f"{workdir} holds a finished run (step 2 of 2) with other settings: "
+                         "model.name: 'cifar_resnet20' -> 'cifar_resnet32'"), line
   assert sorted(os.listdir(workdir)) == before  # no config.resumed_at_step_2.json
+  # A run stopped mid-way may resume with changed settings, but not into a
+  # state of another shape.
+  stopped = tmp_path / "stopped"
+  assert run(capsys, DIGITS, *SMALL, f"--workdir={stopped}",
+             "--config.checkpoint_every_steps=1")[0] == 0
+  shutil.rmtree(stopped / "checkpoints" / "2")  # as if stopped after step 1
+  before = sorted(os.listdir(stopped))
+  line = one_error_line(capsys, DIGITS, *SMALL, f"--workdir={stopped}",
+                        "--config.checkpoint_every_steps=1", "--config.model.name=cifar_resnet32")
+  assert line.startswith(f"The checkpoint of step 1 in {stopped}/checkpoints does not fit the "
+                         "state this run builds:"), line
+  assert sorted(os.listdir(stopped)) == before
 
 
 def test_a_workdir_belongs_to_one_run_at_a_time(capsys, tmp_path):

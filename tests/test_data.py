@@ -389,6 +389,30 @@ def test_a_stream_closed_early_leaves_no_shared_memory(tmp_path, monkeypatch):
   assert [name for name in os.listdir("/dev/shm") if name.startswith(prefix)] == []
 
 
+def test_batches_read_ahead_outlive_the_workers_that_made_them(tmp_path, monkeypatch):
+  """Two workers, one batch each: Grain reads both batches ahead and stops
+  each worker once past its last batch. The second batch, taken only after
+  both workers have exited, is still there (its block once vanished with its
+  worker: FileNotFoundError)."""
+  import multiprocessing  # pylint: disable=import-outside-toplevel
+  write_image_folder(tmp_path)
+  config = data_config(source="folder", path=str(tmp_path), eval_split="val", image_size=16)
+  monkeypatch.setattr(pipeline, "MIN_IMAGES_FOR_PROCESSES", 0)
+  evaluation = data.build(config, "eval", training=False, global_batch_size=4, num_workers=2)
+  expected = all_batches(data.build(config, "eval", training=False, global_batch_size=4,
+                                    num_workers=0))
+  assert len(expected) == 2
+  before = set(multiprocessing.active_children())
+  stream = evaluation.stream(0, 2)
+  got = [next(stream)]
+  deadline = time.monotonic() + 60
+  while set(multiprocessing.active_children()) - before:  # Grain joins a worker it stops
+    assert time.monotonic() < deadline, "Grain did not stop its workers after their last batch"
+    time.sleep(0.05)
+  got += list(stream)
+  assert_batches_equal(got, expected)
+
+
 def test_decoded_files_take_the_same_transforms_as_arrays(tmp_path):
   """Files stay PIL images from decoding to the crop (no full-size copies):
   the pixels are those of the array path, which are torchvision's."""
@@ -465,6 +489,213 @@ def test_hymenoptera_folder():
   train = data.build(config, "train", training=True, global_batch_size=8, seed=0)
   assert train.num_examples == 245
   assert train.batch(0, 0)["image"].shape == (8, 64, 64, 3)
+
+
+# ---------------------------------------------------------------- files that fail to decode
+
+
+def write_jpeg_folder(root, cut=(), per_class=(6, 3)):
+  """Noise JPEGs (every image different) of two classes in train/ and val/; the files named
+  in `cut` (relative paths) are cut short after their header, as an interrupted copy leaves
+  them: the pre-training header check passes them, decoding fails."""
+  rng = np.random.default_rng(0)
+  for split, count in zip(("train", "val"), per_class):
+    for class_name in ("cat", "dog"):
+      os.makedirs(root / split / class_name)
+      for i in range(count):
+        pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / split / class_name / f"{i}.jpg", quality=90)
+  for name in cut:
+    path = root / name
+    whole = path.read_bytes()
+    path.write_bytes(whole[:whole.rindex(b"\xff\xda") + 100])  # 100 bytes of pixel data
+    assert images_lib.check_header(path) is None  # the header still reads
+  return root
+
+
+def jpeg_config(root, **overrides):
+  return data_config(source="folder", path=str(root), eval_split="val", image_size=16,
+                     resize_size=20, augment="random_resized_crop", **overrides)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_truncated_jpeg_stops_the_stream_with_its_name(tmp_path, monkeypatch, num_workers):
+  bad = tmp_path / "train" / "cat" / "2.jpg"
+  write_jpeg_folder(tmp_path, cut=["train/cat/2.jpg"])
+  monkeypatch.setattr(pipeline, "MIN_IMAGES_FOR_PROCESSES", 0)  # worker processes for 3 steps
+  train = data.build(jpeg_config(tmp_path), "train", training=True, global_batch_size=4, seed=3,
+                     num_workers=num_workers)
+  with pytest.raises(images_lib.ImageError,
+                     match=f"^Cannot read {bad} as an image: image file is truncated .*Replace or "
+                           "remove it, or set config.data.skip_bad_files=True to skip files"):
+    list(train.stream(0, 3))  # one epoch: every file
+
+
+def test_skip_bad_files_puts_the_next_example_of_the_epoch_in_a_bad_files_place(
+    tmp_path, monkeypatch, caplog):
+  bad = str(tmp_path / "train" / "cat" / "2.jpg")
+  write_jpeg_folder(tmp_path, cut=["train/cat/2.jpg"])
+  config = jpeg_config(tmp_path, skip_bad_files=True)
+  monkeypatch.setattr(pipeline, "MIN_IMAGES_FOR_PROCESSES", 0)
+  in_threads = data.build(config, "train", training=True, global_batch_size=4, seed=3,
+                          num_workers=0)
+  in_processes = data.build(config, "train", training=True, global_batch_size=4, seed=3,
+                            num_workers=2)
+  paths = list(in_threads.source.items)
+  assert in_threads.num_examples == 12 and bad in paths  # the header check kept it
+  with caplog.at_level("WARNING", logger="tlflax.data.pipeline"):
+    batches = list(in_threads.stream(0, 6))  # two epochs
+  warnings = [r.getMessage() for r in caplog.records if "fails to decode" in r.getMessage()]
+  assert len(warnings) == 1, warnings  # once per file, not once per epoch
+  assert f"Cannot read {bad} as an image: image file is truncated" in warnings[0]
+
+  draws = transforms.num_draws("random_resized_crop")
+  for step, batch in enumerate(batches):
+    epoch, number = divmod(step, 3)
+    order = pipeline.epoch_order(12, 3, epoch)
+    assert batch["image"].shape == (4, 16, 16, 3)  # full
+    for row in range(4):
+      where = number * 4 + row  # in the epoch's order
+      own = int(in_threads.example_ids[order[where]])
+      taken = int(in_threads.example_ids[order[(where + 1) % 12]]) if paths[own] == bad else own
+      assert batch["skipped"][row] == (paths[own] == bad)
+      # The example that takes the place, in the view the replaced row draws.
+      uniforms = transforms.stateless_uniform((3, epoch), [own], draws)[0]
+      expected = transforms.train_transform(images_lib.open_rgb(paths[taken]), uniforms,
+                                            "random_resized_crop", 16, 20)
+      np.testing.assert_array_equal(batch["image"][row], expected, err_msg=f"{step} {row}")
+      assert batch["label"][row] == in_threads.source.labels()[taken]
+  assert sum(int(b["skipped"].sum()) for b in batches) == 2  # once in each epoch
+
+  # Worker processes make the same batches and warn once too; a resumed stream is the same.
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="tlflax.data.pipeline"):
+    assert_batches_equal(list(in_processes.stream(0, 6)), batches)
+  assert len([r for r in caplog.records if "fails to decode" in r.getMessage()]) == 1
+  assert_batches_equal(list(in_threads.stream(2, 5)), batches[2:5])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_skip_bad_files_leaves_a_bad_eval_image_out_and_marks_it(tmp_path, monkeypatch,
+                                                                 num_workers):
+  bad = str(tmp_path / "val" / "dog" / "1.jpg")
+  write_jpeg_folder(tmp_path, cut=["val/dog/1.jpg"])
+  monkeypatch.setattr(pipeline, "MIN_IMAGES_FOR_PROCESSES", 0)
+  evaluation = data.build(jpeg_config(tmp_path, skip_bad_files=True), "eval", training=False,
+                          global_batch_size=4, num_workers=num_workers)
+  paths = list(evaluation.source.items)
+  batches = list(evaluation.stream(0, 2))
+  mask = np.concatenate([b["mask"] for b in batches])
+  skipped = np.concatenate([b["skipped"] for b in batches])
+  images = np.concatenate([b["image"] for b in batches])
+  row = paths.index(bad)
+  assert mask.tolist() == [float(i != row) for i in range(6)] + [0.0, 0.0]  # 2 of padding
+  assert skipped.tolist() == [int(i == row) for i in range(8)]
+  assert not images[row].any()
+  for i, path in enumerate(paths):
+    if i != row:
+      np.testing.assert_array_equal(
+          images[i], transforms.eval_transform(images_lib.open_rgb(path), 16, 20))
+  without = data.build(jpeg_config(tmp_path), "eval", training=False, global_batch_size=4,
+                       num_workers=num_workers)
+  with pytest.raises(images_lib.ImageError, match=f"Cannot read {bad} as an image"):
+    list(without.stream(0, 6))
+
+
+def test_a_training_run_skips_a_truncated_jpeg_only_when_asked(tmp_path, capsys, caplog):
+  from conftest import metric_lines  # pylint: disable=import-outside-toplevel
+  from tlflax.cli import train as train_cli  # pylint: disable=import-outside-toplevel
+  root = write_jpeg_folder(tmp_path / "images", cut=["train/cat/2.jpg", "val/dog/1.jpg"],
+                           per_class=(4, 3))
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  args = [f"--config={repo}/configs/digits.py", "--config.num_train_steps=4",
+          "--config.batch_size=8", "--config.eval_batch_size=8", "--config.log_every_steps=1",
+          "--config.eval_every_steps=2", "--config.data.source=folder",
+          f"--config.data.path={root}", "--config.data.train_split=train",
+          "--config.data.eval_split=val", "--config.data.augment=none",
+          "--config.data.num_workers=0"]
+  assert train_cli.main([*args, f"--workdir={tmp_path}/stopped"]) == 1
+  errors = [line for line in capsys.readouterr().err.splitlines()
+            if line.startswith("tlflax.main: error: ")]
+  assert len(errors) == 1 and errors[0].startswith(
+      f"tlflax.main: error: Cannot read {root}/train/cat/2.jpg as an image: image file is "
+      "truncated")
+  assert "set config.data.skip_bad_files=True" in errors[0]
+
+  caplog.set_level("WARNING")
+  assert train_cli.main([*args, "--config.data.skip_bad_files=True",
+                         f"--workdir={tmp_path}/skipped"]) == 0
+  for name in ("train/cat/2.jpg", "val/dog/1.jpg"):  # each named once
+    assert caplog.text.count(f"fails to decode (data.skip_bad_files=True): Cannot read "
+                             f"{root}/{name} as an image") == 1
+  assert "Evaluation left out 1 of 6 examples whose files fail to decode" in caplog.text
+  lines = metric_lines(tmp_path / "skipped")
+  train_lines = [lines[(step, "train")] for step in range(1, 5)]
+  # 8 train files, a batch of 8 (one for each of the 8 test devices): every
+  # batch holds the bad file once, in another view of its replacement each epoch.
+  assert [line["skipped_files"] for line in train_lines] == [1, 1, 1, 1]
+  for step in (2, 4):
+    assert lines[(step, "eval")]["skipped_files"] == 1  # of 6: the accuracy is over 5
+  # The log line says so beside the accuracy it changes.
+  from tlflax.training import metrics  # pylint: disable=import-outside-toplevel
+  assert metrics.format_line(4, 4, "eval", lines[(4, "eval")]).endswith(", skipped_files 1")
+
+
+def test_dali_refuses_to_skip_and_names_a_truncated_jpeg_whatever_the_crop(tmp_path,
+                                                                          monkeypatch):
+  pytest.importorskip("nvidia.dali")
+  write_jpeg_folder(tmp_path, cut=["train/cat/2.jpg", "val/dog/1.jpg"])
+  config = jpeg_config(tmp_path, engine="dali_cpu", skip_bad_files=True)
+  with pytest.raises(ValueError, match="data.engine='dali_cpu' cannot skip files that fail to "
+                                       "decode \\(data.skip_bad_files=True\\)"):
+    data.build(config, "train", training=True, global_batch_size=4)
+  config.skip_bad_files = False
+  # DALI decodes only the crop's rows: a crop inside the part that is there
+  # would decode without complaint. The end-of-image check stops it whatever the box.
+  for training, split, bad in ((True, "train", tmp_path / "train" / "cat" / "2.jpg"),
+                               (False, "eval", tmp_path / "val" / "dog" / "1.jpg")):
+    dataset = data.build(config, split, training=training, global_batch_size=4, seed=3)
+    with pytest.raises(images_lib.ImageError,
+                       match=f"^{bad} is cut short: .*use data.engine='pil' with "
+                             "data.skip_bad_files=True to skip it."):
+      list(dataset.stream(0, dataset.steps_per_epoch))
+  # A file DALI fails on anyway (here: the check above left out) is named too,
+  # not left as DALI's "Failed to decode sample #3".
+  from tlflax.data import dali_engine  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(dali_engine, "jpeg_cut_short", lambda data: False)
+  with pytest.raises(images_lib.ImageError,
+                     match=f"^Cannot read {bad} as an image: image file is truncated .*"
+                           "data.engine='dali_cpu' cannot skip files that fail to decode"):
+    list(dataset.stream(0, dataset.steps_per_epoch))  # the eval split: whole images
+
+
+def test_jpeg_cut_short_finds_files_cut_anywhere_and_only_those():
+  import io  # pylint: disable=import-outside-toplevel
+  from tlflax.data import dali_engine  # pylint: disable=import-outside-toplevel
+  pixels = np.random.default_rng(0).integers(0, 256, (64, 80, 3), np.uint8)
+
+  def encoded(image, **options):
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", **options)
+    return buffer.getvalue()
+
+  thumbnail = encoded(Image.fromarray(pixels[:8, :8]))
+  plain = encoded(Image.fromarray(pixels), quality=90)
+  files = {
+      "baseline": plain,
+      "progressive": encoded(Image.fromarray(pixels), progressive=True),
+      "greyscale with restart markers": encoded(Image.fromarray(pixels).convert("L"),
+                                                restart_marker_blocks=2),
+      # A whole JPEG inside an APP1 segment, as an EXIF thumbnail sits.
+      "thumbnail": plain[:2] + b"\xff\xe1" + (len(thumbnail) + 2).to_bytes(2, "big")
+                   + thumbnail + plain[2:],
+  }
+  for name, whole in files.items():
+    Image.open(io.BytesIO(whole)).load()  # a valid file
+    assert not dali_engine.jpeg_cut_short(whole), name
+    assert not dali_engine.jpeg_cut_short(whole + b"\xff\xd8 a second picture \xff\xda"), name
+    for length in (len(whole) - 1, len(whole) - 2, len(whole) - 60, len(whole) // 2):
+      assert dali_engine.jpeg_cut_short(whole[:length]), (name, length)
 
 
 # ---------------------------------------------------------------- TFDS reading

@@ -248,3 +248,43 @@ def test_logistic_regression_on_extracted_features_beats_chance(cli_output):
   # Five classes: chance is 20%. Even a random network's stage-2 features
   # separate these digits well (about 90%).
   assert classifier.score(eval_x, eval_y) > 0.6
+
+
+def test_skipped_files_are_left_out_named_and_labels_stay_aligned(tmp_path, caplog):
+  """data.skip_bad_files=True: a truncated JPEG's row is left out of the
+  features and the labels alike, and info.json and a warning name it."""
+  from test_data import write_jpeg_folder  # pylint: disable=import-outside-toplevel
+
+  def config(root, skip):
+    c = digits_config(None)
+    c.unlock()
+    c.data.update(source="folder", path=str(root), train_split="train", eval_split="val",
+                  data_dir="", skip_bad_files=skip, num_workers=0)
+    c.eval_batch_size = 4  # 6 images: a full batch, then a padded one
+    return c
+
+  clean = write_jpeg_folder(tmp_path / "clean")
+  cut = write_jpeg_folder(tmp_path / "cut", cut=["val/dog/1.jpg"])  # the same images, one cut
+  features.extract_to_directory(config(clean, False), str(tmp_path / "all"), "stage1",
+                                splits=["eval"], progress=False)
+  with caplog.at_level("WARNING", logger="tlflax.inference.features"):
+    info = features.extract_to_directory(config(cut, True), str(tmp_path / "out"), "stage1",
+                                         splits=["eval"], progress=False)
+  bad = str(cut / "val" / "dog" / "1.jpg")
+  position = 4  # cat/0..2, dog/0..2
+  assert info["splits"]["eval"]["skipped_files"] == [{"example": position, "name": bad}]
+  assert info["splits"]["eval"]["num_examples"] == 5
+  assert features.read_info(tmp_path / "out")["splits"]["eval"]["skipped_files"][0]["name"] == bad
+  warnings = [r.getMessage() for r in caplog.records if "fail to decode" in r.getMessage()]
+  assert len(warnings) == 1 and "left out 1 of 6 examples" in warnings[0] and bad in warnings[0]
+
+  all_x, all_y = features.load(tmp_path / "all", "eval")
+  got_x, got_y = features.load(tmp_path / "out", "eval")
+  assert got_x.shape == (5, 16) and got_y.shape == (5,)
+  keep = [i for i in range(6) if i != position]
+  np.testing.assert_array_equal(got_y, all_y[keep])
+  assert got_y.tolist() == [0, 0, 0, 1, 1]
+  # The same rows in batches whose other rows differ (the bad one is zeros):
+  # BatchNorm uses running statistics, so rows are independent up to the order
+  # XLA sums in, a few float32 units in the last place.
+  np.testing.assert_allclose(got_x, all_x[keep], rtol=1e-5, atol=1e-6)

@@ -84,6 +84,46 @@ def test_a_value_json_cannot_hold_writes_nothing(tmp_path):
   assert listing(tmp_path) == ["info.json"]
 
 
+@pytest.fixture
+def umask():
+  """Sets the process umask for a test (`umask(0o027)`), restoring the old one after."""
+  old = os.umask(0o022)
+  os.umask(old)
+  yield os.umask
+  os.umask(old)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o002])
+def test_files_get_the_permissions_a_plain_open_gives(tmp_path, umask, mask):
+  umask(mask)
+  with open(tmp_path / "plain.txt", "w") as f:
+    f.write("by hand")
+  files.write_text(tmp_path / "atomic.txt", "atomic")
+  with files.atomic_file(tmp_path / "atomic.bin", "wb") as f:
+    f.write(b"\x00")
+  expected = 0o666 & ~mask  # 0644 under the usual umask 022, not mkstemp's 0600
+  for name in ("plain.txt", "atomic.txt", "atomic.bin"):
+    assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
+  # A replaced file gets the same.
+  files.write_json(tmp_path / "atomic.txt", {"again": True})
+  assert (tmp_path / "atomic.txt").stat().st_mode & 0o777 == expected
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_directories_get_the_permissions_a_plain_mkdir_gives(tmp_path, umask, mask):
+  umask(mask)
+  with files.atomic_directory(tmp_path / "entry") as staging:
+    with open(os.path.join(staging, "x"), "w") as f:
+      f.write("x")
+  assert (tmp_path / "entry").stat().st_mode & 0o777 == 0o777 & ~mask  # not mkdtemp's 0700
+
+
+def test_text_newline_is_passed_on(tmp_path):
+  with files.atomic_file(tmp_path / "t.csv", newline="") as f:
+    f.write("a,b\r\n")
+  assert (tmp_path / "t.csv").read_bytes() == b"a,b\r\n"
+
+
 # ----------------------------------------------------------------------------
 # atomic_directory
 # ----------------------------------------------------------------------------

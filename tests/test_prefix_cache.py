@@ -74,6 +74,11 @@ def test_prefix_cache_is_keyed_by_weights_and_reuses_shallower_stages(tmp_path):
   head_changed = jax.tree.map(lambda x: x, variables)
   head_changed["params"]["head"]["kernel"] += 1.0
   assert outputs(head_changed, "stage1")[2]
+  # Model options change what a prefix computes (inception_v3's transform_input):
+  # they enter the key.
+  assert not prefix_cache.prefix_outputs(
+      "cifar_resnet20", model, variables, dataset, config.data, "eval", "stage1", 32,
+      directory, progress=False, model_options="transform_input=False")[2]
 
 
 def test_frozen_prefix_finds_the_deepest_frozen_stage():
@@ -91,3 +96,32 @@ def test_frozen_prefix_finds_the_deepest_frozen_stage():
   assert prefix("none") is None
   assert prefix("surgical:stage2") == "stage1"
   assert prefix("depth:2", mode="none") is None  # frozen layers' statistics would adapt
+
+
+def test_a_file_that_fails_to_decode_is_refused_and_no_entry_is_written(tmp_path, capsys):
+  """A prefix cache holds a row for every example: with data.skip_bad_files
+  it refuses (one line saying what to do) instead of writing a short entry."""
+  from test_data import write_jpeg_folder  # pylint: disable=import-outside-toplevel
+  from tlflax.cli import train as train_cli  # pylint: disable=import-outside-toplevel
+  root = write_jpeg_folder(tmp_path / "images", cut=["val/dog/1.jpg"], per_class=(4, 3))
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cache = tmp_path / "cache"
+  status = train_cli.main([
+      f"--config={repo}/configs/digits.py", "--config.num_train_steps=2",
+      "--config.batch_size=8", "--config.eval_batch_size=8", "--config.data.source=folder",
+      f"--config.data.path={root}", "--config.data.train_split=train",
+      "--config.data.eval_split=val", "--config.data.augment=none",
+      "--config.data.num_workers=0", "--config.data.skip_bad_files=True",
+      "--config.freeze.rules=depth:2", "--config.prefix_cache.enabled=True",
+      f"--config.prefix_cache.directory={cache}", f"--workdir={tmp_path}/run"])
+  assert status == 1
+  errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+  assert errors == [
+      f"tlflax.main: error: The prefix cache needs every example, but {root}/val/dog/1.jpg "
+      "fails to decode (data.skip_bad_files=True skips it). Replace or remove the file, or set "
+      "config.prefix_cache.enabled=False to train from the images, skipping it."]
+  # The train split's entry (every file decodes) is written first; nothing of
+  # the eval split, not even a staging directory.
+  entries = os.listdir(cache)
+  assert all(os.path.exists(cache / e / "info.json") for e in entries), entries
+  assert [json.load(open(cache / e / "info.json"))["split"] for e in entries] == ["train"]

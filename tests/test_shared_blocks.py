@@ -1,6 +1,7 @@
 """Batches handed from worker processes in reused shared-memory blocks."""
 
 import os
+import types
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -67,3 +68,37 @@ def test_share_needs_exactly_one_array_from_a_block():
       blocks.share({"image": np.zeros((2, 2), np.uint8)})
   finally:
     blocks.remove_all()
+
+
+def share_one_batch_and_exit(batches, received):
+  """A worker process: shares a batch, waits until it is received, then exits,
+  removing at exit (WorkerBlocks' finalizer) the names of the blocks it made."""
+  blocks = shared_blocks.WorkerBlocks()
+  batches.put(blocks.share(make_batch(blocks, 0)))
+  received.wait(60)
+
+
+def test_a_batch_received_before_its_worker_exits_can_be_taken_after():
+  """Grain reads a worker's batches ahead into threads of the main process and
+  stops the worker once it has read past the last one; the main process may
+  take a buffered batch only after the worker has exited. Its block must still
+  be there."""
+  import multiprocessing  # pylint: disable=import-outside-toplevel
+  context = multiprocessing.get_context("spawn")  # as Grain starts its workers
+  batches, received = context.Queue(), context.Event()
+  worker = context.Process(target=share_one_batch_and_exit, args=(batches, received))
+  worker.start()
+  reader = shared_blocks.MainReader()
+  try:
+    sent = batches.get(timeout=120)  # unpickled here: the batch has arrived
+    received.set()
+    worker.join(60)
+    assert worker.exitcode == 0
+    got = reader.take(sent)
+    expected = make_batch(types.SimpleNamespace(empty=np.empty), 0)  # the same, in plain memory
+    for key in expected:
+      np.testing.assert_array_equal(got[key], expected[key])
+    assert not exists(sent.block)  # no name left behind
+  finally:
+    received.set()
+    reader.close()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ import torch  # pylint: disable=unused-import
 import torchvision  # pylint: disable=unused-import
 
 from test_train import assert_trees_equal, load_config
-from tlflax import build, freeze, models, stages, training
+from tlflax import build, defaults, freeze, models, stages, training
 from tlflax.training import checkpoint, preemption
 from tlflax.tree import flatten
 
@@ -58,15 +59,27 @@ def test_without_stages_the_run_is_one_stage():
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"name": "a", "steps": 2, "lr": 0.1}, "unknown keys \\['lr'\\]"),
+    ({"name": "a", "steps": 2, "lr": 0.1}, "Stage 0 \\('a'\\) has unknown key 'lr'; a stage "
+     "takes name, steps, epochs, freeze, optimizer, "),
+    ({"name": "a", "steps": 2, "learning_rte": 0.1}, "Stage 0 \\('a'\\) has unknown key "
+     "'learning_rte'; did you mean 'learning_rate'\\?$"),
+    ({"name": "a", "steps": 2, "momentum": 0.5}, "unknown key 'momentum'; optimizer settings "
+     "go under 'optimizer', e.g. {'optimizer': {'momentum': ...}}"),
     ({"name": "a", "steps": 2, "epochs": 1}, "exactly one of 'steps' or 'epochs'"),
     ({"name": "a"}, "exactly one of 'steps' or 'epochs'"),
-    ({"name": "a", "steps": 0}, "at least one step"),
-    ({"name": "a", "steps": 2, "optimizer": {"momentun": 0.5}}, "unknown optimizer key 'momentun'"),
+    ({"name": "a", "steps": 0}, "steps=0: steps is the stage's length in steps; use a whole "
+     "number >= 1"),
+    ({"name": "a", "epochs": 0.01}, "is 0 steps long \\(0.01 epochs of 5 steps\\); give it at "
+     "least one step"),
+    ({"name": "a", "steps": 2, "optimizer": {"momentun": 0.5}}, "unknown optimizer key "
+     "'momentun'; did you mean 'momentum'"),
+    ({"name": "a", "steps": 2, "learning_rate": -0.1}, "Stage 0 \\('a'\\): learning_rate=-0.1: "
+     "learning_rate is the peak learning rate; use a number > 0.$"),
+    ({"name": "a", "steps": 2, "optimizer": {"b2": 1.0}}, "b2=1.0: b2 is AdamW's "),
 ])
 def test_bad_stages_are_explained(bad, message):
   config = staged_config([bad])
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(defaults.ConfigError, match=message):
     stages.plan(config, 5, 10)
 
 
@@ -243,9 +256,16 @@ def saved_state(workdir, step):
 def test_changed_stages_refuse_to_resume(tmp_path):
   workdir = str(tmp_path / "changed")
   training.train_and_evaluate(staged_config(stages.lp_ft(3, 1, 0.1, 0.02, unit="steps")), workdir)
-  with pytest.raises(checkpoint.CheckpointError, match="stages changed"):
-    training.train_and_evaluate(staged_config(stages.lp_ft(2, 4, 0.1, 0.02, unit="steps")),
-                             workdir)
+  changed = staged_config(stages.lp_ft(2, 4, 0.1, 0.02, unit="steps"))
+  # Finished: other stages are other settings, refused before anything is built.
+  with pytest.raises(checkpoint.CheckpointError, match=r"finished run \(step 4 of 4\).*"
+                     r"stages\[0\]\.steps: 3 -> 2"):
+    training.train_and_evaluate(changed, workdir)
+  # Stopped at step 3 (the last checkpoint removed): step 3 now falls in
+  # another stage, whose optimizer state the checkpoint does not hold.
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
+  with pytest.raises(checkpoint.CheckpointError, match="stages changed|does not fit"):
+    training.train_and_evaluate(changed, workdir)
 
 
 def test_copying_the_first_stages_only(uninterrupted):

@@ -340,8 +340,8 @@ def test_the_depth_sweep_config_lists_depths_seeds_and_a_scratch_baseline():
 def test_list_values_such_as_stages_are_applied_named_and_reported(tmp_path, config_file,
                                                                     monkeypatch):
   config, _ = load(config_file)
-  recipe = [{"name": "probe", "num_steps": 1, "freeze": "linear_probe"},
-            {"name": "fine_tune", "num_steps": 1, "freeze": "none"}]
+  recipe = [{"name": "probe", "steps": 1, "freeze": "linear_probe"},
+            {"name": "fine_tune", "steps": 1, "freeze": "none"}]
   points = sweeps.make_points([{"stages": recipe, "seed": seed} for seed in (0, 1)], config)
   assert points[0].name == f"stages-{sweep_results.value_hash(recipe)}__seed-0"
   received = []

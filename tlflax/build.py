@@ -11,9 +11,12 @@ same starting weights wherever it is used:
   task needs;
 * the weights are `config.init` (a weight file, a tlflax checkpoint, a known
   pretrained id, or with `init.source="workdir"` another run's final state),
-  merged into freshly initialised variables: the new head (and, with
-  `init.up_to_stage`, the stages after it) stay fresh, anything else that
-  does not fit is an error naming it;
+  merged into freshly initialised variables: the head is kept when it
+  predicts the task's classes (the same names in the same order: a run that
+  continues another) and is new otherwise (`init.keep_head` decides it
+  explicitly; the log says which and why); with `init.up_to_stage`, the
+  stages after it stay fresh too; anything else that does not fit is an
+  error naming it;
 * without `init.weights`, the variables are `model.init` at `config.seed`.
 
 Resuming from a checkpoint comes before all this (see `tlflax.training`): a
@@ -27,15 +30,15 @@ import functools
 import logging
 import os
 import re
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tlflax import models, weights
+from tlflax import defaults, models, weights
 from tlflax.tree import flatten, unflatten
-from tlflax.weights import registry
+from tlflax.weights import native, registry
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +64,16 @@ class Built:
 def make_model(config, **options):
   """`config.model` as a module; `options` (e.g. `num_classes`) override its fields.
 
+  `config.model.options` ("transform_input=False, ...") sets the model's
+  other fields (see `tlflax.defaults.model_options`).
+
   Example:
     >>> make_model(config, num_classes=5).stage_names
     ('stem', 'stage1', 'stage2', 'stage3')
   """
-  fields = {"last_stage": config.model.last_stage} if config.model.last_stage else {}
+  fields = defaults.model_options(config)
+  if config.model.last_stage:
+    fields["last_stage"] = config.model.last_stage
   head_init = config.model.get("head_init", "lecun")
   if head_init != "lecun":
     fields["head_init"] = head_init
@@ -124,14 +132,38 @@ def read_pretrained(config) -> dict[str, Any] | None:
         "existing file or tlflax checkpoint with --config.init.weights=PATH (and "
         "--config.init.source=torchvision|timm|keras|tlflax), a training run with "
         "--config.init.source=workdir, or an id from tlflax.weights.registry.list_ids().")
+  _check_recorded_options(config)
   # A ViT's position embeddings are resampled to the configured image size.
   return weights.load(config.model.name, path, source=config.init.source or None,
                       **_image_size_field(config))
 
 
-def _transferred(config, model, pretrained) -> tuple[dict[str, Any], list[str]]:
+def _check_recorded_options(config) -> None:
+  """A tlflax checkpoint's recorded model options must be what the config builds.
+
+  `tlflax convert --model_option` records the settings the weights need (e.g.
+  an inception_v3 trained without transform_input); a run that builds the
+  network otherwise would train it on differently scaled inputs, silently.
+
+  Raises:
+    WeightsError: naming the option, both values, and the setting to use.
+  """
+  path = config.init.weights
+  if config.init.source not in ("", "tlflax") or not native.is_checkpoint(path):
+    return
+  model = make_model(config)
+  for key, value in native.model_options(native.read_provenance(path)).items():
+    if hasattr(model, key) and getattr(model, key) != value:
+      raise weights.WeightsError(
+          f"{path} was converted for {config.model.name} with {key}={value!r}, but the "
+          f"config builds it with {key}={getattr(model, key)!r}. Add {key}={value!r} to "
+          "config.model.options (--config.model.options=\"" f"{key}={value!r}\").")
+
+
+def _transferred(config, model, pretrained, keep_head: bool
+                 ) -> tuple[dict[str, Any], list[str]]:
   """The part of `pretrained` a new task copies, and the regexes of what stays fresh."""
-  if not config.init.keep_head:
+  if not keep_head:
     # A new task gets a new head, even when the old one has the same shape.
     pretrained = {collection: {k: v for k, v in tree.items() if k != "head"}
                   for collection, tree in pretrained.items()}
@@ -149,20 +181,130 @@ def _transferred(config, model, pretrained) -> tuple[dict[str, Any], list[str]]:
                       if k not in copied] + [HEAD_RULE]
 
 
-def _check_kept_head(config, variables, pretrained) -> None:
-  """`init.keep_head` keeps the pretrained head: it must have the task's shape."""
+def source_class_names(config) -> list[str] | None:
+  """The classes the head of `config.init.weights` predicts, in order, where that is known.
+
+  A training run records them (`class_names.json`, found also from its
+  checkpoints, one step's or a finished stage's directory); a tlflax
+  checkpoint in its provenance; a pretrained id, or a file the registry knows
+  by its name, in its registry entry. Other weight files (a torchvision .pth
+  saved by hand, say) carry none.
+
+  Returns:
+    The class names, or None when the weights do not say.
+
+  Example:
+    >>> config.init.weights, config.init.source = "workdirs/digits", "workdir"
+    >>> source_class_names(config)
+    ['0', '1', '2', '3', '4']
+  """
+  path = config.init.weights
+  if not path:
+    return None
+  if config.init.source == "workdir":
+    from tlflax.training import workdir  # pylint: disable=import-outside-toplevel
+    return workdir.recorded_class_names(path)
+  if os.path.isfile(os.path.join(path, native.PROVENANCE_FILE)):
+    names = native.read_provenance(path).get("class_names")
+  elif registry.is_known(path) and not os.path.exists(path):
+    names = registry.get(path).class_names
+  else:
+    entry = registry.matching_entry(config.model.name, path)
+    names = entry.class_names if entry else None
+  if isinstance(names, str):  # the key of a class list shipped with tlflax
+    names = registry.class_names(names)
+  return [str(name) for name in names] if names else None
+
+
+def _listed(names: Sequence[str], limit: int = 12) -> str:
+  """Class names for a message: `a, b, c` (long lists cut, with their length)."""
+  if len(names) <= limit:
+    return ", ".join(names)
+  return f"{', '.join(names[:limit])}, ... ({len(names)} in all)"
+
+
+def _keeps_head(config, variables, pretrained, class_names: Sequence[str] | None) -> bool:
+  """Whether the run keeps the head of `config.init.weights`; the reason is logged.
+
+  `config.init.keep_head`: True keeps it (it must have the task's shape), False
+  never does, and None (the default) keeps it when it predicts this task's
+  classes: the same class names in the same order, as when a run continues
+  from another run of the same task. A head of another shape, of classes that
+  are none of this task's, or of unknown classes, is re-initialised. A head of
+  as many classes, some or all of them this task's but not in this task's
+  order, is an error: only the user knows which of the two is meant.
+
+  Raises:
+    WeightsError: keep_head=True and the head does not fit; or the ambiguous
+      case above (listing both sets of classes).
+  """
+  keep = config.init.keep_head
+  if keep is not None and not isinstance(keep, (bool, np.bool_)):
+    raise ValueError(f"config.init.keep_head={keep!r}: use True (keep the pretrained head), "
+                     "False (a new head), or leave it unset to keep the head when its classes "
+                     "are this task's.")
   want = flatten(variables).get("params/head/kernel")
+  if want is None:  # the task's network has no head (num_classes=None)
+    return False
   have = flatten(pretrained).get("params/head/kernel")
-  if want is not None and (have is None or np.shape(have) != np.shape(want)):
+  source = config.init.weights
+  if keep is not None and not keep:
+    log.info("New head: config.init.keep_head=False.")
+    return False
+  if keep:
+    _check_kept_head(config, want, have)
+    log.info("Kept the head of %s (config.init.keep_head=True).", source)
+    return True
+  # keep_head unset: keep the head only when it is this task's.
+  if config.init.up_to_stage:
+    log.info("New head: init.up_to_stage=%r copies the network up to that stage only.",
+             config.init.up_to_stage)
+    return False
+  if have is None:
+    log.info("New head: %s has no head.", source)
+    return False
+  if np.shape(have)[-1] != np.shape(want)[-1]:
+    log.info("New head: the source's head has %d classes, this task %d.", np.shape(have)[-1],
+             np.shape(want)[-1])
+    return False
+  if np.shape(have) != np.shape(want):
+    log.info("New head: the source's head takes %d features, this network's %d.",
+             np.shape(have)[0], np.shape(want)[0])
+    return False
+  source_names = source_class_names(config)
+  task_names = None if class_names is None else [str(name) for name in class_names]
+  if source_names is None or task_names is None:
+    whose = f"{source} records" if source_names is None else "this task has"
+    log.info("New head: %s no class names to match the head's %d classes with; "
+             "config.init.keep_head=True keeps it.", whose, np.shape(want)[-1])
+    return False
+  if source_names == task_names:
+    log.info("Kept the head of %s (classes %s).", source, _listed(source_names))
+    return True
+  if not set(source_names) & set(task_names):
+    log.info("New head: the source's classes (%s) are not this task's (%s).",
+             _listed(source_names), _listed(task_names))
+    return False
+  how = ("the same classes in another order" if sorted(source_names) == sorted(task_names)
+         else f"{len(source_names)} classes, some of them this task's")
+  raise weights.WeightsError(
+      f"The head of {source} predicts {how}: its classes are {_listed(source_names)}; "
+      f"this task's are {_listed(task_names)}. Set --config.init.keep_head=False for a new "
+      "head, or --config.init.keep_head=True to keep this head as it is (its outputs keep "
+      "the source's order).")
+
+
+def _check_kept_head(config, want, have) -> None:
+  """`init.keep_head=True` keeps the pretrained head: it must have the task's shape."""
+  if have is None or np.shape(have) != np.shape(want):
     what = "no head" if have is None else f"a head of {np.shape(have)[-1]} classes"
     raise weights.WeightsError(
         f"config.init.keep_head=True keeps the pretrained head, but {config.init.weights} has "
         f"{what} and this task has {np.shape(want)[-1]}. Set config.init.keep_head=False "
         "for a new head.")
 
-
 def build(config, num_classes: int | None, image_size: int | None = None,
-          read_weights: bool = True) -> Built:
+          read_weights: bool = True, class_names: Sequence[str] | None = None) -> Built:
   """The model for a task with `num_classes` and the variables a run starts from.
 
   Args:
@@ -171,6 +313,9 @@ def build(config, num_classes: int | None, image_size: int | None = None,
     image_size: input side to initialise at; `config.data.image_size` by default.
     read_weights: False skips `config.init.weights` (a run that resumes from
       its own checkpoint needs only the variables' structure).
+    class_names: the task's classes in label order. With `init.keep_head`
+      unset, the pretrained head is kept when it predicts exactly these
+      (see `_keeps_head`); without them, the head is new.
 
   Returns:
     A `Built`; `start` is "scratch" when no weights were read.
@@ -190,9 +335,8 @@ def build(config, num_classes: int | None, image_size: int | None = None,
   pretrained = read_pretrained(config) if read_weights else None
   if pretrained is None:
     return Built(model, variables, "scratch")
-  if config.init.keep_head:
-    _check_kept_head(config, variables, pretrained)
-  pretrained, fresh = _transferred(config, model, pretrained)
+  keep_head = _keeps_head(config, variables, pretrained, class_names)
+  pretrained, fresh = _transferred(config, model, pretrained, keep_head)
   variables, report = weights.merge_pretrained(variables, pretrained, reinit=fresh)
   log.info("Pretrained weights %s: %s", config.init.weights, report)
   return Built(model, jax.tree.map(np.asarray, variables), "pretrained", report)

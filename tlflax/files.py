@@ -11,11 +11,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from typing import Any, Iterator
 
 CACHE_ENV_VAR = "TLFLAX_CACHE_DIR"
+# What a plain open() or mkdir asks for; the kernel takes the umask off (and a
+# directory's default ACL applies), so colleagues can read what a run writes
+# wherever they could read a file the user wrote by hand. tempfile's mkstemp
+# and mkdtemp would ask for 0600 and 0700.
+FILE_MODE, DIRECTORY_MODE = 0o666, 0o777
 
 
 def cache_dir(*parts: str) -> str:
@@ -30,12 +35,17 @@ def cache_dir(*parts: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
+def atomic_file(path: str | os.PathLike, mode: str = "w", newline: str | None = None
+                ) -> Iterator[Any]:
   """Opens a temporary file beside `path`; it becomes `path` only if the block succeeds.
+
+  The file gets the permissions a plain `open(path, "w")` would give it
+  (0666 less the umask, usually 0644).
 
   Args:
     path: the file to write.
     mode: "w" (text, UTF-8) or "wb".
+    newline: for text, as `open`'s (e.g. "" for the csv module).
 
   Yields:
     The open temporary file.
@@ -43,16 +53,27 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  handle, partial = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                                     suffix=".partial")
+  handle, partial = _new_partial_file(directory, os.path.basename(path))
   try:
-    with os.fdopen(handle, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+    text_options = {} if "b" in mode else {"encoding": "utf-8", "newline": newline}
+    with os.fdopen(handle, mode, **text_options) as f:
       yield f
     os.replace(partial, path)
   except BaseException:  # KeyboardInterrupt included: never leave the partial file
     if os.path.exists(partial):
       os.remove(partial)
     raise
+
+
+def _new_partial_file(directory: str, name: str) -> tuple[int, str]:
+  """Creates `directory/.<name>.<random>.partial` exclusively; returns (descriptor, path)."""
+  while True:
+    partial = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.partial")
+    try:
+      return os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                     FILE_MODE), partial
+    except FileExistsError:  # another writer drew the same name: draw again
+      continue
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -76,6 +97,9 @@ def read_json(path: str | os.PathLike) -> Any:
 def atomic_directory(directory: str | os.PathLike, replace: bool = False) -> Iterator[str]:
   """A staging directory beside `directory` that becomes it if the block succeeds.
 
+  The directory gets the permissions a plain `os.mkdir` would give it (0777
+  less the umask, usually 0755).
+
   Args:
     directory: the directory to create.
     replace: remove an existing `directory` first. Without it, a directory
@@ -88,7 +112,7 @@ def atomic_directory(directory: str | os.PathLike, replace: bool = False) -> Ite
   directory = os.path.abspath(os.fspath(directory))
   parent = os.path.dirname(directory)
   os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.partial-")
+  staging = _new_staging_directory(parent, os.path.basename(directory))
   try:
     yield staging
     if replace and os.path.exists(directory):
@@ -100,3 +124,14 @@ def atomic_directory(directory: str | os.PathLike, replace: bool = False) -> Ite
         raise
   finally:
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def _new_staging_directory(parent: str, name: str) -> str:
+  """Creates `parent/.<name>.partial-<random>` (permissions as a plain mkdir gives)."""
+  while True:
+    staging = os.path.join(parent, f".{name}.partial-{secrets.token_hex(4)}")
+    try:
+      os.mkdir(staging, DIRECTORY_MODE)
+      return staging
+    except FileExistsError:
+      continue

@@ -22,7 +22,10 @@ starts fresh for newly unfrozen ones (`carry_optimizer_state`).
 Built-in recipes build such lists: `lp_ft` (linear probe, then fine-tune
 everything), `gradual_unfreezing` (one more stage per phase, from the head
 down, as in ULMFiT) and `delayed_backbone` (the backbone joins at a chosen
-epoch at a lower rate).
+epoch at a lower rate). `config.recipe` names one of them instead of a list
+(`--config.recipe=lp_ft` on the command line): `recipe_stages` builds its
+stages over the run's length, with the `recipe_*` keys of
+`tlflax.defaults.base_config`.
 """
 
 from __future__ import annotations
@@ -34,13 +37,17 @@ import jax
 import ml_collections
 import optax
 
-from tlflax import optim
+from tlflax import defaults, optim
+from tlflax.defaults import ConfigError, Range
 from tlflax.freeze import Freezing
 from tlflax.tree import flatten
 
 OPTIMIZER_SHORTCUTS = ("learning_rate", "schedule", "warmup_steps", "weight_decay")
 STAGE_KEYS = ("name", "steps", "epochs", "freeze", "optimizer", "reset_optimizer",
               *OPTIMIZER_SHORTCUTS)
+STAGE_LENGTHS = {"steps": Range("the stage's length in steps", 1, whole=True),
+                 "epochs": Range("the stage's length in epochs", 0, minimum_allowed=False)}
+RECIPES = ("lp_ft", "gradual_unfreezing", "delayed_backbone")  # the names config.recipe takes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,52 +76,185 @@ class Stage:
     return self.end - self.start
 
 
-def plan(config, steps_per_epoch: int, total_steps: int) -> list[Stage]:
+def plan(config, steps_per_epoch: int, total_steps: int,
+         stage_names: Sequence[str] = ()) -> list[Stage]:
   """The stages of a run.
 
   Args:
-    config: the run config; `config.stages` lists the stages, and without
-      it the run is one stage (`config.freeze.rules`, `config.optimizer`).
+    config: the run config; `config.stages` lists the stages, or
+      `config.recipe` names a recipe, and without either the run is one stage
+      (`config.freeze.rules`, `config.optimizer`).
     steps_per_epoch: to convert `epochs` into steps.
-    total_steps: the length of a run without `stages`.
+    total_steps: the length of a run without `stages` (a recipe's length).
+    stage_names: the model's stages (`model.stage_names`), which
+      `gradual_unfreezing` unfreezes one by one.
 
   Returns:
     The stages in order, tiling steps 0 ... end of the last one.
+
+  Raises:
+    ConfigError: a stage or recipe that cannot run (see `check_stages`), or
+      a stage shorter than one step.
   """
-  specs = config.get("stages") or ()
+  check_stages(config)
+  if config.get("recipe"):
+    specs = recipe_stages(config, total_steps, stage_names)
+  else:
+    specs = config.get("stages") or ()
   if not specs:
     return [Stage("train", 0, 0, total_steps, config.freeze.rules,
                   ml_collections.ConfigDict(config.optimizer.to_dict()))]
-  stages, start, names = [], 0, set()
+  stages, start = [], 0
   for index, spec in enumerate(specs):
     spec = dict(spec)
-    where = f"Stage {index} ({spec.get('name', 'unnamed')!r})"
-    unknown = sorted(set(spec) - set(STAGE_KEYS))
-    if unknown:
-      raise ValueError(f"{where} has unknown keys {unknown}; a stage takes {list(STAGE_KEYS)}.")
+    where = _stage_label(index, spec)
     name = spec.get("name") or f"stage{index}"
-    if name in names or "/" in name:
-      raise ValueError(f"{where}: stage names must be unique and contain no '/'.")
-    names.add(name)
-    if ("steps" in spec) == ("epochs" in spec):
-      raise ValueError(f"{where} needs exactly one of 'steps' or 'epochs'.")
     length = (int(spec["steps"]) if "steps" in spec
               else int(round(float(spec["epochs"]) * steps_per_epoch)))
     if length < 1:
-      raise ValueError(f"{where} is {length} steps long; give it at least one step.")
+      raise ConfigError(f"{where} is {length} steps long ({spec['epochs']} epochs of "
+                        f"{steps_per_epoch} steps); give it at least one step.")
     stage_optimizer = ml_collections.ConfigDict(config.optimizer.to_dict())
-    overrides = dict(spec.get("optimizer") or {})
-    overrides.update({k: spec[k] for k in OPTIMIZER_SHORTCUTS if k in spec})
-    for key, value in overrides.items():
-      if key not in stage_optimizer:
-        raise ValueError(f"{where} sets unknown optimizer key {key!r}; "
-                         f"known: {sorted(stage_optimizer)}.")
-      stage_optimizer[key] = value
+    stage_optimizer.update(_optimizer_overrides(spec))
     stages.append(Stage(name, index, start, start + length,
                         spec.get("freeze", config.freeze.rules), stage_optimizer,
                         bool(spec.get("reset_optimizer", False))))
     start += length
   return stages
+
+
+def check_stages(config) -> None:
+  """Raises ConfigError for stages that cannot run, before any data is read.
+
+  Checks `config.stages` (a list of dicts with known keys, each with one
+  length, unique names, optimizer settings the `optimizer` block has, in
+  their ranges) and `config.recipe` (a known recipe, not set together with
+  `config.stages` or `config.freeze.rules`). `plan` checks what needs the
+  data: a length in epochs that comes to less than one step.
+
+  Args:
+    config: the run config.
+  """
+  recipe = config.get("recipe") or ""
+  specs = config.get("stages") or ()
+  if recipe:
+    if recipe not in RECIPES:
+      near = defaults.nearest_key(recipe, RECIPES)
+      hint = f"did you mean {near!r}? " if near else ""
+      raise ConfigError(f"config.recipe={recipe!r} is no recipe; {hint}Use one of "
+                        f"{', '.join(RECIPES)}, or '' for none.")
+    if specs:
+      raise ConfigError(f"config.recipe={recipe!r} and config.stages both set the stages; "
+                        "set only one of them.")
+    if config.freeze.rules not in ("none", "full"):
+      raise ConfigError(f"config.recipe={recipe!r} sets each stage's freezing itself, so "
+                        f"config.freeze.rules={config.freeze.rules!r} would be ignored; leave "
+                        "it at 'none', or write the stages in config.stages.")
+  names = set()
+  for index, spec in enumerate(specs):
+    if not isinstance(spec, (Mapping, ml_collections.ConfigDict)):
+      raise ConfigError(f"config.stages[{index}] is {spec!r}; a stage is a dict such as "
+                        "{'name': 'head', 'epochs': 2, 'freeze': 'linear_probe'}.")
+    spec = dict(spec)
+    where = _stage_label(index, spec)
+    for key in spec:
+      if key not in STAGE_KEYS:
+        near = defaults.nearest_key(key, STAGE_KEYS)
+        if near:
+          hint = f"did you mean {near!r}?"
+        elif key in optim.default_config():
+          hint = f"optimizer settings go under 'optimizer', e.g. {{'optimizer': {{{key!r}: ...}}}}."
+        else:
+          hint = f"a stage takes {', '.join(STAGE_KEYS)}."
+        raise ConfigError(f"{where} has unknown key {key!r}; {hint}")
+    name = spec.get("name") or f"stage{index}"
+    if not isinstance(name, str) or name in names or "/" in name:
+      raise ConfigError(f"{where}: stage names must be unique strings without '/'.")
+    names.add(name)
+    if ("steps" in spec) == ("epochs" in spec):
+      raise ConfigError(f"{where} needs exactly one of 'steps' or 'epochs'.")
+    for key, length in STAGE_LENGTHS.items():
+      if key in spec:
+        length.check(f"{where}: {key}", spec[key], key)
+    if not isinstance(spec.get("optimizer") or {}, (Mapping, ml_collections.ConfigDict)):
+      raise ConfigError(f"{where}: 'optimizer' is {spec['optimizer']!r}; give it a dict of "
+                        "settings of the optimizer block, e.g. {'name': 'adamw'}.")
+    _optimizer_overrides(spec, where)
+
+
+def _stage_label(index: int, spec: Mapping[str, Any]) -> str:
+  return f"Stage {index} ({spec.get('name', 'unnamed')!r})"
+
+
+def _optimizer_overrides(spec: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+  """A stage's optimizer settings (`optimizer` and the shortcuts), checked."""
+  overrides = dict(spec.get("optimizer") or {})
+  overrides.update({k: spec[k] for k in OPTIMIZER_SHORTCUTS if k in spec})
+  known = optim.default_config()
+  for key, value in overrides.items():
+    if key not in known:
+      near = defaults.nearest_key(key, known.keys())
+      hint = f"did you mean {near!r}? " if near else ""
+      raise ConfigError(f"{where} sets unknown optimizer key {key!r}; {hint}"
+                        f"known: {', '.join(sorted(known))}.")
+    value_range = defaults.VALUE_RANGES.get(f"optimizer.{key}")
+    if value_range is not None:
+      value_range.check(f"{where}: {key}", value, key)
+  return overrides
+
+
+def recipe_stages(config, total_steps: int, stage_names: Sequence[str] = ()
+                  ) -> list[dict[str, Any]]:
+  """The stages of the recipe `config.recipe`, over a run of `total_steps` steps.
+
+  The run keeps its length (`num_train_steps`, else `num_epochs`) and its
+  rate (`optimizer.learning_rate`); the recipe splits them:
+
+  * lp_ft: `recipe_head_fraction` of the steps train the head alone at
+    `recipe_head_learning_rate` (0: the run's rate), the rest everything;
+  * delayed_backbone: the head alone for `recipe_head_fraction` of the steps,
+    then the backbone too, at `recipe_backbone_multiplier` times the rate;
+  * gradual_unfreezing: equal phases, the head first, then one more of the
+    model's stages per phase, the last phase everything (the stem too).
+
+  Args:
+    config: the run config, with `recipe` set.
+    total_steps: the run's length in steps.
+    stage_names: the model's stages (`model.stage_names`); gradual_unfreezing
+      needs them.
+
+  Returns:
+    A `config.stages` list (lengths in steps) of `total_steps` steps in all.
+
+  Example:
+    >>> config.recipe = "lp_ft"; config.recipe_head_fraction = 0.5
+    >>> recipe_stages(config, total_steps=6)
+    [{'name': 'linear_probe', 'steps': 3, ...}, {'name': 'fine_tune', 'steps': 3, ...}]
+  """
+  recipe, rate = config.recipe, config.optimizer.learning_rate
+  if recipe == "gradual_unfreezing":
+    if not stage_names:
+      raise ValueError("gradual_unfreezing needs the model's stage names (model.stage_names).")
+    num_stages = len([s for s in stage_names if s != "stem"])
+    phases = num_stages + 2
+    if total_steps < phases:
+      raise ConfigError(f"config.recipe='gradual_unfreezing' trains {phases} phases on this "
+                        f"model, one step each at least, but the run has {total_steps} steps; "
+                        "lengthen it (config.num_train_steps or config.num_epochs).")
+    phase = total_steps // phases
+    return gradual_unfreezing(num_stages, phase, rate, unit="steps",
+                              final_length=total_steps - phase * (phases - 1))
+  if total_steps < 2:
+    raise ConfigError(f"config.recipe={recipe!r} trains two stages, one step each at least, "
+                      f"but the run has {total_steps} step; lengthen it "
+                      "(config.num_train_steps or config.num_epochs).")
+  # The head's share, at least one step and leaving one for the second stage.
+  head_steps = min(max(1, round(config.recipe_head_fraction * total_steps)), total_steps - 1)
+  if recipe == "lp_ft":
+    return lp_ft(head_steps, total_steps - head_steps, config.recipe_head_learning_rate or rate,
+                 rate, unit="steps")
+  return delayed_backbone(head_steps, total_steps, rate, config.recipe_backbone_multiplier,
+                          unit="steps")
 
 
 def stage_of_next_step(stages: Sequence[Stage], step: int) -> Stage:

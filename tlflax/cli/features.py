@@ -4,6 +4,8 @@
         --config.init.weights=workdirs/digits --config.init.source=workdir --stage stage3
 
 See `tlflax.inference.features` for what is written and how it is computed.
+`--model_option KEY=VALUE` (repeatable) adds to config.model.options, the
+network's settings a weight file cannot carry (e.g. transform_input=False).
 """
 
 import sys
@@ -12,6 +14,7 @@ from typing import Sequence
 from absl import flags
 from ml_collections import config_flags
 
+from tlflax import defaults
 from tlflax.cli import app
 
 PROGRAM = "tlflax.cli.features"
@@ -33,12 +36,24 @@ def define_flags(argv: Sequence[str]) -> flags.FlagValues:
                     "none: keep (H, W, C).", flag_values=flag_values)
   flags.DEFINE_bool("overwrite", False, "Replace features of a different extraction in "
                     "--output.", flag_values=flag_values)
+  flags.DEFINE_multi_string("model_option", [], "KEY=VALUE: a setting of the network the "
+                            "weights cannot carry, e.g. transform_input=False; repeatable; "
+                            "VALUE is a Python literal. Added to config.model.options.",
+                            flag_values=flag_values)
   flags.mark_flags_as_required(["config", "output"], flag_values=flag_values)
   return flag_values
 
 
 def _extract(values) -> None:
-  from tlflax.inference import features  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from tlflax.inference import features
+  from tlflax.models import registry
+  if values.model_option:
+    options = {**registry.parse_model_options(values.config.model.options,
+                                              where="config.model.options "),
+               **registry.merge_model_options(values.model_option, where="--model_option ")}
+    values.config.model.options = registry.format_model_options(options)
+  defaults.check_config(values.config, where=values["config"].config_filename.split(":", 1)[0])
   info = features.extract_to_directory(values.config, values.output, values.stage,
                                        values.splits, values.pool, values.overwrite)
   shapes = ", ".join(f"{name} {tuple(split['features_shape'])}"
@@ -47,11 +62,11 @@ def _extract(values) -> None:
         f"{shapes}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """Runs the command line; returns the exit status."""
+def main(argv: Sequence[str] | None = None, program: str = PROGRAM) -> int:
+  """Runs the command line as `program` (how the user typed it); returns the exit status."""
   argv = list(sys.argv[1:] if argv is None else argv)
   values = define_flags(argv)
-  return app.run(PROGRAM, values, lambda _: _extract(values), argv)
+  return app.run(program, values, lambda _: _extract(values), argv, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,14 @@ through DALI, so they stay consistent with each other; a model evaluated on
 "pil" batches sees images that differ by that much. Only JPEG files in RGB
 or greyscale are accepted: DALI would treat transparency, CMYK and 16-bit
 images otherwise than PIL does, so those stop with an error instead.
+
+DALI cannot skip a file that fails to decode: a failed decode ends its
+pipeline, and a JPEG cut short decodes without complaint wherever a training
+crop stays inside the part that is there (where the "pil" engine stops or,
+with data.skip_bad_files=True, skips it). So `data.skip_bad_files=True` is
+refused with DALI, and every file is checked for its end-of-image marker
+before DALI sees it: a file cut short stops the run with its name, at the
+first batch that holds it, whatever the crop.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
 from typing import Any, Iterator
 
 import numpy as np
@@ -45,6 +54,12 @@ ENGINES = ("pil", "dali", "dali_cpu")
 _DECODER_DEVICE = {"dali": "mixed", "dali_cpu": "cpu"}
 _AUGMENTATIONS = ("random_resized_crop", "none")
 _EXIF_ORIENTATION = 0x0112
+# Inside entropy-coded JPEG data a 0xFF byte is followed by 0x00 (a stuffed
+# byte), a restart marker 0xD0-0xD7 or another 0xFF (fill): anything else
+# is the next marker.
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_WHAT_TO_DO = ("data.engine={engine!r} cannot skip files that fail to decode: replace or "
+               "remove it, or use data.engine='pil' with data.skip_bad_files=True to skip it.")
 
 
 def import_dali():
@@ -88,8 +103,12 @@ class DaliDataset(pipeline.Dataset):
     plans = (self._plan(step) for step in range(start, stop))
     graph = self._graph(dali, plans)
     graph.build()
-    for _ in range(start, stop):
-      images, labels, real = graph.run()
+    for step in range(start, stop):
+      try:
+        images, labels, real = graph.run()
+      except RuntimeError as error:  # DALI's, e.g. "Failed to decode sample #3"
+        # The graph runs ahead (prefetch_queue_depth): the file may be in a later batch.
+        raise self._decode_failure(range(step, min(step + 3, stop)), error) from error
       if self.engine == "dali":
         images = images.as_cpu()
       images = np.array(images.as_array())
@@ -140,6 +159,11 @@ class DaliDataset(pipeline.Dataset):
       ids = self.example_ids[:1]
     raws, labels = self.source.read(ids)
     encoded = [encoded_jpeg(self.source, raw) for raw in raws]
+    for data, example_id in zip(encoded, ids):
+      if jpeg_cut_short(data):
+        raise image_files.ImageError(
+            f"{self.source.example_name(int(example_id))} is cut short: its JPEG data ends "
+            f"before the end-of-image marker. " + _WHAT_TO_DO.format(engine=self.engine))
     shapes = [jpeg_height_width(data, image_files.image_name(_item(self.source, raw)))
               for data, raw in zip(encoded, raws)]
     augmented = self.augment == "random_resized_crop"
@@ -168,6 +192,61 @@ class DaliDataset(pipeline.Dataset):
             [np.array(label, np.int32) for label in all_labels],
             [np.array(flag, np.uint8) for flag in real])
     return plan + (([columns[i][2] for i in source_row],) if augmented else ())
+
+  def _decode_failure(self, steps: range, error: RuntimeError) -> Exception:
+    """The error to raise for a batch DALI failed to decode: naming the file where PIL
+    cannot decode it either, else DALI's own error."""
+    for step in steps:
+      epoch, batch = divmod(step, self.steps_per_epoch)
+      positions = self._positions(epoch, batch)
+      ids = self.example_ids[positions[positions >= 0]]
+      raws, _ = self.source.read(ids)
+      for example_id, raw in zip(ids, raws):
+        try:
+          self.source.image(raw)
+        except image_files.ImageError as bad:
+          name = self.source.example_name(int(example_id))
+          message = str(bad).rstrip(".")
+          return image_files.ImageError(
+              f"{message if name in message else f'{message} ({name})'}. "
+              + _WHAT_TO_DO.format(engine=self.engine))
+    return error
+
+
+def jpeg_cut_short(data: bytes | np.ndarray) -> bool:
+  """Whether a JPEG file's data ends before its end-of-image marker (a file cut short).
+
+  Follows the marker segments from the start and jumps over entropy-coded
+  data, so an end-of-image marker of an embedded thumbnail, or data appended
+  after the image (a second picture, a video), changes nothing. A file whose
+  structure cannot be followed counts as whole: the decoder judges it.
+  """
+  data = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
+  if data[:2] != b"\xff\xd8":
+    return False
+  position = 2
+  while True:
+    if position + 2 > len(data):
+      return True
+    if data[position] != 0xFF:
+      return False  # not a marker where one belongs: leave it to the decoder
+    marker = data[position + 1]
+    if marker == 0xD9:  # end of image
+      return False
+    if marker == 0xFF:  # fill byte before a marker
+      position += 1
+      continue
+    if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+      position += 2
+      continue
+    if position + 4 > len(data):
+      return True
+    position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
+    if marker == 0xDA:  # start of scan: entropy-coded data up to the next marker
+      following = _NEXT_MARKER.search(data, min(position, len(data)))
+      if following is None:
+        return True
+      position = following.start()
 
 
 def encoded_jpeg(source: sources.ExampleSource, raw: Any) -> np.ndarray:
@@ -221,6 +300,12 @@ def check_dataset(dataset: pipeline.Dataset, engine: str) -> None:
   if dataset.augment not in _AUGMENTATIONS:
     raise ValueError(f"data.engine={engine!r} supports data.augment in {_AUGMENTATIONS}, "
                      f"not {dataset.augment!r}; use data.engine='pil' for it.")
+  if dataset.skip_bad_files:
+    raise ValueError(
+        f"data.engine={engine!r} cannot skip files that fail to decode "
+        "(data.skip_bad_files=True): a failed decode ends DALI's pipeline. Use "
+        "data.engine='pil' to skip them, or set data.skip_bad_files=False: DALI then stops at "
+        "a bad file and names it.")
   dali = import_dali()
   if engine == "dali" and dali.backend.GetCUDADeviceCount() == 0:
     raise ValueError("data.engine='dali' decodes on an NVIDIA GPU, and DALI sees none on this "

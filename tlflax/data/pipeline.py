@@ -23,6 +23,21 @@ stopped, and the number of processes never changes what the model is trained
 on. Evaluation goes through the examples in order; the last batch is padded
 to full size and `mask` marks the real examples (1) and the padding (0).
 
+A file that cannot be decoded (cut short, corrupt) stops the run with its
+name, unless `config.data.skip_bad_files=True`. Then it is skipped wherever
+it is decoded (in this process, its threads, or Grain's worker processes),
+named in one warning, and batches carry `skipped`, int32 (local_batch,), 1 on
+its rows:
+
+* in training, its row takes the next example of the epoch's order that
+  decodes (wrapping around at the end), with the row's own augmentation
+  draws, so the batch stays full and a pure function of (seed, epoch, step):
+  a resumed run reads the same batches. That example trains twice in the
+  epoch (in two different views).
+* in evaluation, its row is left out (`mask` 0): the evaluation covers fewer
+  examples, and the training loop reports how many it left out
+  (`skipped_files` in the eval metrics) beside the accuracy over the rest.
+
 Images leave the host as uint8, a quarter of the bytes of float32;
 `device_transform()` is what the jitted step applies to them on the device
 (scaling and mean/std normalisation, `images.normalize_on_device`).
@@ -33,6 +48,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import logging
 import os
 from typing import Any, Callable, Iterator
 
@@ -42,6 +58,8 @@ from tlflax.data import images as image_files
 from tlflax.data import shared_blocks
 from tlflax.data import sources
 from tlflax.data import transforms
+
+log = logging.getLogger(__name__)
 
 SOURCES = ("tfds", "folder", "digits")
 # Worker processes are used for streams of at least this many images: each
@@ -54,6 +72,9 @@ WORKER_BUFFERED_BATCHES = 2
 # Tags that keep the random streams of different purposes apart for one seed.
 _SHUFFLE_STREAM = 1
 _FEW_SHOT_STREAM = 2
+# Batch keys that carry the files that failed to decode (with
+# skip_bad_files) from wherever a batch is made to `Dataset._report_failures`.
+_FAILED_IDS, _FAILED_MESSAGES = "failed_example_ids", "failed_example_messages"
 
 
 class _GlobalBatch:
@@ -102,6 +123,8 @@ class Dataset:
     global_batch_size: examples per step over all processes.
     local_batch_size: rows of each batch this process yields.
     training: shuffled and augmented (True) or in order, padded and masked.
+    skip_bad_files: skip files that fail to decode instead of stopping (see
+      the module docstring for what takes their place).
   """
   num_examples: int
   num_classes: int
@@ -123,6 +146,9 @@ class Dataset:
   num_threads: int = 1
   # Worker processes (Grain) that prepare whole batches; 0 = this process.
   num_workers: int = 0
+  skip_bad_files: bool = False
+  # Example ids whose failure was already reported (in the process that reads batches).
+  reported_failures: set = dataclasses.field(default_factory=set, repr=False)
 
   def batches(self, epoch: int = 0, start_batch: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """This process's part of global batches `start_batch`... of `epoch`.
@@ -133,7 +159,8 @@ class Dataset:
 
     Yields:
       {"image": uint8 (local_batch, H, W, 3), "label": int32 (local_batch,)}
-      plus "mask": float32 (local_batch,) for evaluation. The step applies
+      plus "mask": float32 (local_batch,) for evaluation, and "skipped":
+      int32 (local_batch,) with `skip_bad_files`. The step applies
       `device_transform()` to the images.
     """
     if not 0 <= start_batch <= self.steps_per_epoch:
@@ -159,7 +186,33 @@ class Dataset:
     """
     if not 0 <= start <= stop:
       raise ValueError(f"Need 0 <= start <= stop, got {start} and {stop}.")
-    return self._stream(start, stop)
+    return self._reported(self._stream(start, stop))
+
+  def _reported(self, batches: Iterator[dict[str, np.ndarray]]
+                ) -> Iterator[dict[str, np.ndarray]]:
+    """`batches` with their failed files reported; closing it closes `batches` (and workers)."""
+    try:
+      for batch in batches:
+        yield self._report_failures(batch)
+    finally:
+      close = getattr(batches, "close", None)
+      if close is not None:
+        close()
+
+  def _report_failures(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Warns once per file that failed to decode while `batch` was made; removes their keys."""
+    ids, messages = batch.pop(_FAILED_IDS, ()), batch.pop(_FAILED_MESSAGES, ())
+    for example_id, message in zip(ids, messages):
+      if int(example_id) in self.reported_failures:
+        continue
+      self.reported_failures.add(int(example_id))
+      instead = ("Training rows that hold it take the next example of the epoch's order that "
+                 "decodes; counted as skipped_files in the train metrics." if self.training else
+                 "Evaluation leaves it out and covers fewer examples; counted as skipped_files "
+                 "in the eval metrics.")
+      log.warning("Skipping a file that fails to decode (data.skip_bad_files=True): %s. %s",
+                  message, instead)
+    return batch
 
   def _stream(self, start: int, stop: int) -> Iterator[dict[str, np.ndarray]]:
     """`stream` after its checks: worker processes or threads, whichever repays itself."""
@@ -233,12 +286,16 @@ class Dataset:
     """
     if not 0 <= step < self.steps_per_epoch:
       raise ValueError(f"step {step} is outside 0..{self.steps_per_epoch - 1}.")
-    return self._batch(epoch, step, None)
+    return self._report_failures(self._batch(epoch, step, None))
+
+  def _rows(self, step: int) -> np.ndarray:
+    """Where this process's rows of global batch `step` sit in the epoch's order."""
+    first = step * self.global_batch_size + self.process_index * self.local_batch_size
+    return np.arange(first, first + self.local_batch_size)
 
   def _positions(self, epoch: int, step: int) -> np.ndarray:
     """Positions in `example_ids` of this process's rows of a global batch (-1 = padding)."""
-    first = step * self.global_batch_size + self.process_index * self.local_batch_size
-    rows = np.arange(first, first + self.local_batch_size)
+    rows = self._rows(step)
     if self.training:
       return epoch_order(self.num_examples, self.seed, epoch)[rows]
     return np.where(rows < self.num_examples, rows, -1)
@@ -249,30 +306,93 @@ class Dataset:
     real = positions >= 0
     ids = self.example_ids[positions[real]]
     raws, labels = self.source.read(ids)
+    labels = np.array(labels)  # a copy: a row that replaces a bad file takes another's label
     if self.training:
       uniforms = transforms.stateless_uniform(
           (self.seed, epoch), ids, transforms.num_draws(self.augment))
-      work = [(raw, row) for raw, row in zip(raws, uniforms)]
-      prepare = self._train_example
     else:
-      work = [(raw, None) for raw in raws]
-      prepare = self._eval_example
+      uniforms = [None] * len(ids)
+    work = list(zip(raws, uniforms))
     if workers is not None and self.num_threads > 1 and len(work) > 1:
-      pixels = list(workers.map(lambda item: prepare(*item), work))
+      pixels = list(workers.map(lambda item: self._example_or_error(*item), work))
     else:
-      pixels = [prepare(*item) for item in work]
+      pixels = [self._example_or_error(*item) for item in work]
+
+    # Files that failed to decode: an error naming the first, or skipped.
+    failed = {int(ids[k]): p for k, p in enumerate(pixels) if isinstance(p, image_files.ImageError)}
+    if failed and not self.skip_bad_files:
+      example_id, error = next(iter(failed.items()))
+      raise image_files.ImageError(
+          f"{self._failure_message(example_id, error)}. Replace or remove it, or set "
+          "config.data.skip_bad_files=True to skip files that fail to decode (each is named "
+          "in a warning and counted in the metrics).") from error
+    skipped = np.zeros((self.local_batch_size,), np.int32)
+    rows = np.flatnonzero(real)
+    for k, row in enumerate(rows):
+      if not isinstance(pixels[k], image_files.ImageError):
+        continue
+      skipped[row] = 1
+      if self.training:
+        pixels[k], labels[k] = self._replacement(epoch, self._rows(step)[row], uniforms[k],
+                                                 failed)
+      else:
+        real[row] = False
+    kept = [k for k, row in enumerate(rows) if real[row]]
 
     size = self.image_size
     images = allocate((self.local_batch_size, size, size, 3), np.uint8)
-    for row, example in zip(np.flatnonzero(real), pixels):
-      images[row] = example
+    for k in kept:
+      images[rows[k]] = pixels[k]
     images[~real] = 0  # padding (`allocate` may hand out a former batch's memory)
     all_labels = np.zeros((self.local_batch_size,), np.int32)
-    all_labels[real] = labels
+    all_labels[rows[kept]] = labels[kept]
     batch = {"image": images, "label": all_labels}
     if not self.training:
       batch["mask"] = real.astype(np.float32)
+    if self.skip_bad_files:
+      batch["skipped"] = skipped
+    if failed:
+      batch[_FAILED_IDS] = np.asarray(list(failed), np.int64)
+      batch[_FAILED_MESSAGES] = np.asarray(
+          [self._failure_message(i, e) for i, e in failed.items()], str)
     return batch
+
+  def _example_or_error(self, raw: Any, uniforms: np.ndarray | None):
+    """The prepared example, or the `ImageError` of a file that fails to decode."""
+    try:
+      if self.training:
+        return self._train_example(raw, uniforms)
+      return self._eval_example(raw, None)
+    except image_files.ImageError as error:
+      return error
+
+  def _replacement(self, epoch: int, order_row: int, uniforms: np.ndarray,
+                   failed: dict[int, image_files.ImageError]) -> tuple[np.ndarray, int]:
+    """The next example after `order_row` in the epoch's order that decodes, and its label.
+
+    It is prepared with the replaced row's augmentation draws (`uniforms`), so
+    it is another view than the one it has at its own place. Files found bad
+    on the way are added to `failed`.
+    """
+    order = epoch_order(self.num_examples, self.seed, epoch)
+    for offset in range(1, self.num_examples):
+      candidate = int(self.example_ids[order[(order_row + offset) % self.num_examples]])
+      if candidate in failed:
+        continue
+      raws, labels = self.source.read([candidate])
+      pixels = self._example_or_error(raws[0], uniforms)
+      if not isinstance(pixels, image_files.ImageError):
+        return pixels, int(labels[0])
+      failed[candidate] = pixels
+    raise image_files.ImageError(
+        f"None of the {self.num_examples} training examples could be decoded, e.g. "
+        f"{self._failure_message(*next(iter(failed.items())))}. Check the data.")
+
+  def _failure_message(self, example_id: int, error: image_files.ImageError) -> str:
+    """The error of a file that failed to decode, naming the example when the error cannot."""
+    message = str(error).rstrip(".")
+    name = self.source.example_name(example_id)
+    return message if name in message else f"{message} ({name})"
 
   def _train_example(self, raw: Any, uniforms: np.ndarray) -> np.ndarray:
     return transforms.train_transform(self.source.image(raw), uniforms, self.augment,
@@ -366,8 +486,8 @@ def build(data_config, split: str, training: bool, global_batch_size: int, seed:
 
   Args:
     data_config: `config.data` (source, name, data_dir, path, splits, sizes,
-      mean/std, augment, train_examples_per_class, engine: "pil", or "dali" /
-      "dali_cpu" for NVIDIA DALI, see `dali_engine`).
+      mean/std, augment, train_examples_per_class, skip_bad_files, engine:
+      "pil", or "dali" / "dali_cpu" for NVIDIA DALI, see `dali_engine`).
     split: "train" or "eval".
     training: shuffle, augment and drop the remainder (True), or keep the
       order, apply the eval transform and pad the last batch (False).
@@ -436,7 +556,8 @@ def build(data_config, split: str, training: bool, global_batch_size: int, seed:
       local_batch_size=global_batch_size // process_count, training=training,
       image_size=image_size, augment=augment, seed=int(seed), process_index=process_index,
       process_count=process_count, source=source, example_ids=example_ids,
-      preprocessing=preprocessing, num_threads=num_threads, num_workers=num_workers)
+      preprocessing=preprocessing, num_threads=num_threads, num_workers=num_workers,
+      skip_bad_files=bool(data_config.get("skip_bad_files", False)))
   engine = data_config.get("engine", "pil")
   if engine == "pil":
     return dataset

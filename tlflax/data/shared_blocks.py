@@ -21,9 +21,20 @@ hand-over allocates a new block for every batch and copies into it.
 
 Each block ends in a flag byte, written by the worker (in use) and by the main
 process (free). A block is reused only when its flag says free, so the pool
-grows to the number of batches in flight and stays there. The main process
-removes a block's name as soon as it has mapped it; a worker removes the names
-of the blocks the main process never mapped when it exits.
+grows to the number of batches in flight and stays there.
+
+Who removes a block's name (in /dev/shm on Linux): the main process, as soon
+as a batch in the block arrives, that is when its `SharedBatch` is unpickled
+there, in whichever thread receives it; a worker, when it exits, removes the
+names of the blocks whose batches never arrived (a stream closed early). The
+main process maps the block on arrival, not when it takes the batch, because
+Grain reads ahead: it buffers a worker's batches in threads and stops the
+worker as soon as it has read past its last batch, often before the main
+process takes those batches. Mapped on arrival, a buffered batch's block
+outlives its worker; a block whose name is gone is freed by the system once
+its last mapping closes. Names a killed process leaves behind are removed by
+multiprocessing's resource tracker when it shuts down, after the run's last
+process has ended.
 """
 
 from __future__ import annotations
@@ -32,8 +43,11 @@ import dataclasses
 import math
 import os
 import secrets
+import threading
+import weakref
 from multiprocessing import shared_memory
 from multiprocessing import util as multiprocessing_util
+from typing import Any
 
 import numpy as np
 
@@ -55,12 +69,18 @@ def block_name_prefix(main_process_id: int) -> str:
 class SharedBatch:
   """A picklable batch: its large array in a worker's block, small ones inline.
 
+  Unpickled in the process it was made for (`reader_pid`), it maps its block
+  at once and removes the block's name (see the module docstring for why).
+
   Attributes:
     block: the name of the shared-memory block.
     data_bytes: the block's size without its flag.
     key, shape, dtype: the array that lives in the block.
     inline: the batch's other arrays, sent as they are (they are small).
     order: the batch's keys in their order.
+    reader_pid: the process that takes the batch (the worker's parent).
+    memory: the block as mapped in this process when the batch arrived here;
+      None where it was made, and is not pickled.
   """
   block: str
   data_bytes: int
@@ -69,6 +89,44 @@ class SharedBatch:
   dtype: str
   inline: dict[str, np.ndarray]
   order: tuple[str, ...]
+  reader_pid: int
+  memory: Any = dataclasses.field(default=None, compare=False, repr=False)
+
+  def __reduce__(self):
+    fields = {field.name: getattr(self, field.name)
+              for field in dataclasses.fields(self) if field.name != "memory"}
+    return _arrive, (fields,)
+
+
+def _arrive(fields: dict[str, Any]) -> SharedBatch:
+  """Unpickles a `SharedBatch`; in its reading process, maps the block before anything else."""
+  memory = None
+  if fields["reader_pid"] == os.getpid():
+    try:
+      memory = _map_block(fields["block"])
+    except FileNotFoundError:  # `MainReader.take` says so, if the batch is ever taken
+      pass
+  return SharedBatch(**fields, memory=memory)
+
+
+# The blocks mapped in this process, by name, while a batch that arrived or a
+# `MainReader` holds them: a block's name is removed once it is mapped, so a
+# later batch in the same block must find the mapping here. Arrivals happen in
+# Grain's threads, hence the lock.
+_mapped_blocks: "weakref.WeakValueDictionary[str, shared_memory.SharedMemory]" = (
+    weakref.WeakValueDictionary())
+_mapped_blocks_lock = threading.Lock()
+
+
+def _map_block(name: str) -> shared_memory.SharedMemory:
+  """The block `name` mapped in this process; its name is removed on first mapping."""
+  with _mapped_blocks_lock:
+    memory = _mapped_blocks.get(name)
+    if memory is None or memory.buf is None:  # never mapped, or closed by a finished reader
+      memory = shared_memory.SharedMemory(name)
+      memory.unlink()  # mapped on both sides now; the name is not needed again
+      _mapped_blocks[name] = memory
+    return memory
 
 
 class _Block:
@@ -141,10 +199,14 @@ class WorkerBlocks:
     return SharedBatch(block=block.memory.name, data_bytes=block.data_bytes, key=key,
                        shape=tuple(array.shape), dtype=array.dtype.str,
                        inline={k: v for k, v in batch.items() if k != key},
-                       order=tuple(batch))
+                       order=tuple(batch), reader_pid=os.getppid())
 
   def remove_all(self) -> None:
-    """Frees every block (when the worker stops)."""
+    """Frees every block (when the worker stops).
+
+    Removes the names of the blocks whose batches never arrived in the main
+    process; blocks mapped there stay, without a name, until it unmaps them.
+    """
     for block in self._blocks:
       block.remove()
     self._blocks.clear()
@@ -168,9 +230,15 @@ class MainReader:
     """
     memory = self._mapped.get(sent.block)
     if memory is None:
-      memory = shared_memory.SharedMemory(sent.block)
-      memory.unlink()  # mapped on both sides now; the name is not needed again
-      self._mapped[sent.block] = memory
+      memory = sent.memory
+      if memory is None:  # made in this process, or its block was gone on arrival
+        try:
+          memory = _map_block(sent.block)
+        except FileNotFoundError as error:
+          raise FileNotFoundError(
+              f"The shared-memory block {sent.block} of a batch was removed before this "
+              "process mapped it (its worker process exited first).") from error
+      self._mapped[sent.block] = memory  # later batches in the block reuse the mapping
     shared = np.ndarray(sent.shape, np.dtype(sent.dtype), buffer=memory.buf)
     copied = shared.copy()
     del shared  # no array may hold the block's memory once it is free
@@ -178,7 +246,11 @@ class MainReader:
     return {key: copied if key == sent.key else sent.inline[key] for key in sent.order}
 
   def close(self) -> None:
-    """Unmaps every block (they were unlinked when first mapped)."""
+    """Unmaps every block this reader took (their names were removed when first mapped).
+
+    Blocks of batches that arrived but were never taken (a stream closed
+    early) are unmapped when those batches are garbage collected.
+    """
     for memory in self._mapped.values():
       memory.close()
     self._mapped.clear()

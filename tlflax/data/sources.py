@@ -87,6 +87,10 @@ class ExampleSource:
     """(height, width) shared by every image, or None when unknown or mixed."""
     return None
 
+  def example_name(self, index: int) -> str:
+    """How a message names example `index`: its file's path where it has one."""
+    return f"example {index} of the split"
+
 
 @dataclasses.dataclass
 class ArraySource(ExampleSource):
@@ -128,6 +132,10 @@ class EncodedSource(ExampleSource):
 
   def image(self, raw):
     return _open_image(raw)
+
+  def example_name(self, index):
+    item = self.items[index]
+    return os.fspath(item) if isinstance(item, (str, os.PathLike)) else super().example_name(index)
 
 
 @dataclasses.dataclass
@@ -244,6 +252,10 @@ class ConcatSource(ExampleSource):
   def image_shape(self):
     shapes = {part.image_shape() for part in self.parts}
     return shapes.pop() if len(shapes) == 1 else None
+
+  def example_name(self, index):
+    part_index = int(np.searchsorted(self._starts, index, side="right") - 1)
+    return self.parts[part_index].example_name(int(index - self._starts[part_index]))
 
 
 def _open_image(raw: Any):
@@ -415,6 +427,9 @@ def folder_source(root: str, split: str, class_split: str = "",
       the training split), so every split numbers classes alike; "" = `split`.
     skip_bad_files: leave out files whose header is not an image's (with a
       warning that counts and names them) instead of refusing the folder.
+      (A file whose header reads but whose data does not, e.g. cut short, is
+      found when it is decoded; the pipeline skips it then, see
+      `pipeline.Dataset`.)
 
   Returns:
     An `EncodedSource` of the image files; class names are the sorted

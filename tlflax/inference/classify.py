@@ -1,14 +1,19 @@
-"""Runs a pretrained classifier as it is on image files and prints its top guesses.
+"""Runs a pretrained classifier as it is on images and folders: top guesses, and accuracy.
 
-    python -m tlflax.cli.classify --model resnet50 --weights resnet50.tv2_in1k cat.jpg dog.png
-    python -m tlflax.cli.classify --weights ckpt/resnet50 --top_k 3 photos/*.jpg
-    python -m tlflax.cli.classify --model resnet18 --weights r18.pth --source torchvision \\
+    tlflax classify --model resnet50 --weights resnet50.tv2_in1k cat.jpg dog.png
+    tlflax classify --weights ckpt/resnet50 --top_k 3 photos/*.jpg
+    tlflax classify --weights workdirs/flowers data/flowers/val --output_dir val_report
+    tlflax classify --model resnet18 --weights r18.pth --source torchvision \\
         --class_names my_classes.txt --image_size 160 cat.jpg
 
-`--weights` is a tlflax checkpoint directory, a pretrained id, or a weight
-file. Preprocessing and class names come from the checkpoint's provenance or
-the registry entry (a file is matched to an entry by its name), and can be
-overridden. For a checkpoint or an id `--model` may be left out.
+`--weights` is a training run's workdir, a tlflax checkpoint directory, a
+pretrained id, or a weight file. Preprocessing and class names come from the
+run, the checkpoint's provenance or the registry entry (a file is matched to
+an entry by its name), and can be overridden. For a run, a checkpoint or an
+id `--model` may be left out.
+
+Folders of images, and the accuracy when their sub-folders are named after
+the model's classes: `tlflax.inference.image_folders`.
 """
 
 from __future__ import annotations
@@ -46,12 +51,15 @@ class Classifier:
   preprocessing: images.Preprocessing
   class_names: list[str] | None
   description: str
+  # Options the network is built with (recorded by the checkpoint or run, or given).
+  model_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def classify(model_name: str, variables: Any, image_paths: Sequence[str | os.PathLike],
              preprocessing: images.Preprocessing = images.TORCH,
              class_names: Sequence[str] | None = None, top_k: int = 5,
-             batch_size: int = BATCH_SIZE) -> list[list[Guess]]:
+             batch_size: int = BATCH_SIZE,
+             model_options: dict[str, Any] | None = None) -> list[list[Guess]]:
   """The top-k classes of each image, with softmax probabilities.
 
   Args:
@@ -62,6 +70,8 @@ def classify(model_name: str, variables: Any, image_paths: Sequence[str | os.Pat
     class_names: one name per output class; "class <i>" when None.
     top_k: how many guesses per image.
     batch_size: images per forward pass.
+    model_options: other options of the network (e.g. `{"transform_input":
+      False}`); `Classifier.model_options` of `load_classifier`.
 
   Returns:
     One list of `Guess`es per image, most probable first.
@@ -83,7 +93,7 @@ def classify(model_name: str, variables: Any, image_paths: Sequence[str | os.Pat
     raise WeightsError(f"The model has {num_classes} classes but {len(class_names)} "
                        "class names were given.")
   names = list(class_names) if class_names is not None else [f"class {i}" for i in range(num_classes)]
-  model = models.get_model(model_name, num_classes=num_classes)
+  model = models.get_model(model_name, num_classes=num_classes, **(model_options or {}))
 
   # Variables as an argument, not a closure: XLA would embed them as constants.
   @jax.jit
@@ -103,7 +113,8 @@ def classify(model_name: str, variables: Any, image_paths: Sequence[str | os.Pat
 
 
 def load_classifier(weights_arg: str, model_name: str | None = None,
-                    source: str | None = None) -> Classifier:
+                    source: str | None = None,
+                    model_options: dict[str, Any] | None = None) -> Classifier:
   """Loads weights with the preprocessing and class names that belong to them.
 
   Args:
@@ -112,6 +123,8 @@ def load_classifier(weights_arg: str, model_name: str | None = None,
     model_name: the model; optional for a workdir, a checkpoint or an id.
     source: the file's framework (only needed for a plain file); "workdir"
       insists on a training run.
+    model_options: options of the network (`--model_option`), over those a
+      checkpoint or a training run recorded.
 
   Returns:
     A `Classifier`; `class_names` is None when no list is known.
@@ -121,10 +134,14 @@ def load_classifier(weights_arg: str, model_name: str | None = None,
     >>> classifier.preprocessing.crop_size
     224
   """
+  if model_name and model_options:  # a misspelt option fails before any weights are read
+    models.registry.check_options(model_name, model_options)
   if source in (None, "workdir") and workdir_lib.is_training_workdir(weights_arg):
     # A training run: its final weights, with its own eval preprocessing and classes.
     config = workdir_lib.read_config(weights_arg)
     model_name = model_name or config["model"]["name"]
+    recorded = models.registry.parse_model_options(config["model"].get("options", ""),
+                                                   where=f"{weights_arg}'s config.model.options ")
     from tlflax.training import checkpoint  # pylint: disable=import-outside-toplevel
     variables = checkpoint.restore_params_only(weights_arg)
     data_config = config["data"]
@@ -138,6 +155,7 @@ def load_classifier(weights_arg: str, model_name: str | None = None,
   elif os.path.isdir(weights_arg) and source in (None, "tlflax"):
     provenance = native.read_provenance(weights_arg)
     model_name = model_name or provenance["model_name"]
+    recorded = native.model_options(provenance)
     variables = weights.load(model_name, weights_arg, source="tlflax")
     preprocessing = images.Preprocessing(**provenance["preprocessing"])
     names = provenance.get("class_names")
@@ -148,6 +166,7 @@ def load_classifier(weights_arg: str, model_name: str | None = None,
     model_name = model_name or entry.model_name
     variables = weights.load(model_name, weights_arg, source=source)
     preprocessing, names, description = entry.preprocessing, entry.class_names, entry.id
+    recorded = {}
   else:
     if model_name is None:
       raise WeightsError(f"Say which model {weights_arg!r} is for with --model.")
@@ -160,9 +179,17 @@ def load_classifier(weights_arg: str, model_name: str | None = None,
       preprocessing = registry.default_preprocessing(model_name)
       names = "imagenet1k" if head is not None and head.shape[-1] == 1000 else None
     description = f"{source} file {weights_arg}" + (f" ({entry.id})" if entry else "")
+    recorded = {}
   if isinstance(names, str):
     names = registry.class_names(names)
-  return Classifier(model_name, variables, preprocessing, names, description)
+  options = {**recorded, **(model_options or {})}
+  if "num_classes" in options:
+    raise WeightsError("The model option num_classes comes from the weights' head; leave it "
+                       "out.")
+  models.registry.check_options(model_name, options)
+  if options:
+    description += f", model options {models.registry.format_model_options(options)}"
+  return Classifier(model_name, variables, preprocessing, names, description, options)
 
 
 def read_class_names(path: str | os.PathLike) -> list[str]:

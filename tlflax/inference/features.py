@@ -18,6 +18,11 @@ and `config.init.source`, `source="workdir"` for a training run's final
 state); without weights the network is randomly initialised (a baseline). Any
 config key can be overridden with `--config.key=value`. `load(DIR, split)`
 reads the arrays back; `tlflax.inference.linear_probe` fits linear heads on them.
+
+With `data.skip_bad_files=True`, examples whose files fail to decode are
+left out: the arrays hold the others, in order (features and labels row for
+row), a warning names the skipped files, and info.json lists them per split
+(`skipped_files`: the example's position in the split and its name).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import numpy as np
 import tqdm
 
 from tlflax import build, data, files, models, tree
+from tlflax.data import images as image_files
 from tlflax.tree import flatten, unflatten
 from tlflax.weights.merge import model_shapes
 
@@ -73,7 +79,9 @@ def extract(model, variables, dataset, stage: str, pool: str = "avg",
 
   Runs the model in inference mode (BatchNorm on running statistics), one
   compiled function for all batches; the padding rows of the last batch are
-  dropped, so row i is example i of the split.
+  dropped, so row i is example i of the split. With `skip_bad_files`, the
+  examples whose files fail to decode are dropped too (a warning names them;
+  `extract_with_skipped` also returns which they were).
 
   Args:
     model: a backbone from `tlflax.models.get_model` (it is truncated here
@@ -87,7 +95,8 @@ def extract(model, variables, dataset, stage: str, pool: str = "avg",
     progress: show a tqdm progress bar.
 
   Returns:
-    `(features, labels)`: float32 (num_examples, ...) and int32 (num_examples,).
+    `(features, labels)`: float32 (examples, ...) and int32 (examples,), one row per example
+    that decoded.
 
   Example:
     >>> evaluation = data.build(config.data, split="eval", training=False,
@@ -95,6 +104,22 @@ def extract(model, variables, dataset, stage: str, pool: str = "avg",
     >>> features, labels = extract(model, variables, evaluation, "stage2")
     >>> features.shape
     (180, 32)
+  """
+  features, labels, _ = extract_with_skipped(model, variables, dataset, stage, pool, progress)
+  return features, labels
+
+
+def extract_with_skipped(model, variables, dataset, stage: str, pool: str = "avg",
+                         progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+  """`extract`, and the examples it left out because their files fail to decode.
+
+  Args:
+    model, variables, dataset, stage, pool, progress: as in `extract`.
+
+  Returns:
+    `(features, labels, skipped)`: the arrays of the examples that decoded, in
+    order, and one `{"example": position in the split, "name": file}` per
+    skipped example (empty unless the dataset has `skip_bad_files`).
   """
   if pool not in POOLS:
     raise ValueError(f"Unknown pool {pool!r}; use one of {POOLS}.")
@@ -121,10 +146,16 @@ def extract(model, variables, dataset, stage: str, pool: str = "avg",
 
   features = labels = None
   done = 0
+  skipped = []
   batches = tqdm.tqdm(dataset.batches(epoch=0), total=dataset.steps_per_epoch,
                       desc=f"{stage} features", unit="batch", disable=not progress)
-  for batch in batches:
+  for step, batch in enumerate(batches):
+    # Rows left out: padding, and (skip_bad_files) files that fail to decode.
     real = batch["mask"] > 0
+    for row in np.flatnonzero(batch.get("skipped", ())):
+      position = step * dataset.local_batch_size + int(row)
+      skipped.append({"example": position, "name": dataset.source.example_name(
+          int(dataset.example_ids[position]))})
     out = np.asarray(features_of(variables, batch["image"]))[real]
     if features is None:  # allocated once the per-example shape is known
       features = np.empty((dataset.num_examples, *out.shape[1:]), np.float32)
@@ -134,16 +165,26 @@ def extract(model, variables, dataset, stage: str, pool: str = "avg",
     done += len(out)
   if features is None:
     raise ValueError("The dataset has no examples to extract features from.")
-  if done != dataset.num_examples:
-    raise RuntimeError(f"Read {done} examples, expected {dataset.num_examples}.")
-  return features, labels
+  if done + len(skipped) != dataset.num_examples:
+    raise RuntimeError(f"Read {done} examples and skipped {len(skipped)}, expected "
+                       f"{dataset.num_examples}.")
+  if done == 0:
+    raise image_files.ImageError(
+        f"None of the {dataset.num_examples} examples could be decoded, e.g. "
+        f"{skipped[0]['name']}; check the data.")
+  if skipped:
+    names = ", ".join(s["name"] for s in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+    log.warning("Features left out %d of %d examples whose files fail to decode "
+                "(data.skip_bad_files=True): %s. The features and labels hold the other %d, "
+                "in order.", len(skipped), dataset.num_examples, names, done)
+  return features[:done], labels[:done], skipped
 
 
 def describe_weights(config) -> dict:
   """The model and weights a config names, as `info.json` records them."""
   return {"model": config.model.name, "dtype": config.model.dtype,
           "last_stage": config.model.last_stage, "weights": config.init.weights,
-          "source": config.init.source,
+          "source": config.init.source, "options": config.model.get("options", ""),
           "start": "pretrained" if config.init.weights else "scratch"}
 
 
@@ -267,16 +308,18 @@ def extract_to_directory(config, output: str, stage: str = models.PRE_LOGITS,
   for split in splits:
     dataset = data.build(config.data, split=split, training=False,
                          global_batch_size=config.eval_batch_size, seed=config.seed)
-    features, labels = extract(backbone.model, backbone.variables, dataset, stage, pool,
-                               progress)
+    features, labels, skipped = extract_with_skipped(backbone.model, backbone.variables,
+                                                     dataset, stage, pool, progress)
     np.save(os.path.join(output, f"{split}_features.npy"), features)
     np.save(os.path.join(output, f"{split}_labels.npy"), labels)
     info["class_names"] = list(dataset.class_names)
     info["num_classes"] = dataset.num_classes
     info["preprocessing"] = tree.to_json(dataset.preprocessing.to_dict())
-    info["splits"][split] = {"num_examples": int(dataset.num_examples),
+    # num_examples counts the rows written: the split's examples less those skipped.
+    info["splits"][split] = {"num_examples": int(len(labels)),
                              "features_shape": list(features.shape),
-                             "labels_shape": list(labels.shape)}
+                             "labels_shape": list(labels.shape),
+                             "skipped_files": skipped}
     # Written after every split, so a directory never lists a split it lacks.
     files.write_json(os.path.join(output, INFO_FILE), info)
   return info

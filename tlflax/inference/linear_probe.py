@@ -1,34 +1,47 @@
-"""Linear probes on cached features: a grid of softmax heads trained at once.
+"""Linear probes on cached features: hyperparameters chosen without the eval split.
 
     python -m tlflax.cli.linear_probe --features features/digits \\
         --learning_rates 1e-3,1e-2,1e-1 --weight_decays 0,1e-4,1e-3 --steps 500
 
-reads what `python -m tlflax.cli.features` wrote, fits one linear softmax head per
-(learning rate, weight decay) pair on the train split, scores each on the eval
-split, prints both accuracy grids and the best point, and writes
-`DIR/linear_probe.json`.
+reads what `python -m tlflax.cli.features` wrote and runs `select_and_evaluate`:
+
+1. the train features are split into k stratified folds (5, fewer when a
+   class has fewer examples); every (learning rate, weight decay) pair of
+   the grid is trained on k-1 folds and scored on the fold left out;
+2. the pair with the best mean held-out accuracy is chosen (ties: the
+   stronger regularisation, i.e. the larger weight decay, then the smaller
+   learning rate);
+3. one head with that pair is trained on all train features and scored on
+   the eval split, once.
+
+The cross-validation accuracy (mean ± sample standard deviation over folds)
+is what the choice was made on; the eval accuracy is an unbiased test of the
+chosen head, because the eval split took no part in the choice. A choice on
+the edge of its grid is reported with a warning: the best value may lie
+beyond the grid.
 
 Every head minimises the same objective, L2-regularised multinomial logistic
 regression on standardised features (mean 0, variance 1 per feature, with the
-train split's statistics):
+statistics of the rows it trains on):
 
     mean cross-entropy + weight_decay / 2 * ||kernel||^2      (the bias is not decayed)
 
-with Adam at the head's learning rate from zero weights. All heads train
-together: the per-head step is `jax.vmap`-ed over the grid inside one
-`jax.jit`, and minibatches (if any) come in one seeded order shared by every
-head, so a grid point gives the numbers it would give trained alone.
+with Adam at the head's learning rate from zero weights. All heads of all
+folds train together: the per-head step is `jax.vmap`-ed over folds and grid
+points inside one `jax.jit`, and minibatches (if any) come in one seeded order
+per fold shared by every head, so a head gives the numbers it would give
+trained alone on its fold.
 
-The best point is chosen by validation (eval split) accuracy; ties go to the
-smaller weight decay, then the smaller learning rate. The eval split both
-chooses and scores, so the best accuracy is slightly optimistic; hold out a
-validation part of the train split for an unbiased test number.
+The pieces are public: `cross_validate` (the held-out accuracy of every point
+on every fold, with the fold's heads), `choose`, `fit` (one head on all rows)
+and `edge_warnings`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Sequence
 
 import jax
@@ -36,9 +49,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+log = logging.getLogger(__name__)
+
 RESULT_FILE = "linear_probe.json"
+DEFAULT_FOLDS = 5
+TIE_RULE = ("ties go to the stronger regularisation: the larger weight decay, then the "
+            "smaller learning rate")
 # Features whose train standard deviation is below this are constant: left unscaled.
 _CONSTANT_STD = 1e-8
+# Keeps the random stream of the fold assignment apart from the minibatch order's.
+_FOLD_STREAM = 7
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -48,7 +68,7 @@ class LinearProbe:
   `logits(x) = ((x - mean) / scale) @ kernel + bias`, x flattened per example.
 
   Attributes:
-    mean, scale: float32 (D,), the train split's per-feature statistics.
+    mean, scale: float32 (D,), the per-feature statistics of its training rows.
     kernel: float32 (D, num_classes).
     bias: float32 (num_classes,).
   """
@@ -79,7 +99,7 @@ def accuracy(probe: LinearProbe, features: np.ndarray, labels: np.ndarray) -> fl
     A float in [0, 1].
 
   Example:
-    >>> accuracy(result.best, val_x, val_y)
+    >>> accuracy(result.probe, eval_x, eval_y)
     0.9722
   """
   labels = np.asarray(labels)
@@ -87,54 +107,6 @@ def accuracy(probe: LinearProbe, features: np.ndarray, labels: np.ndarray) -> fl
     raise ValueError(f"Need as many labels as features, at least one: {len(features)} "
                      f"features, {len(labels)} labels.")
   return float(np.mean(probe.predict(features) == labels))
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class GridResult:
-  """What `fit_grid` found: accuracies of every grid point and its heads.
-
-  Attributes:
-    learning_rates, weight_decays: the grid axes as given.
-    val_accuracy, train_accuracy: float (len(learning_rates), len(weight_decays)).
-    kernels: float32 (len(learning_rates), len(weight_decays), D, num_classes).
-    biases: float32 (len(learning_rates), len(weight_decays), num_classes).
-    best_index: (i, j) of the best point: highest validation accuracy, ties
-      to the smaller weight decay, then the smaller learning rate.
-    mean, scale: the standardisation every head shares.
-    steps, batch_size: how the heads were trained (batch_size None = full batch).
-  """
-  learning_rates: tuple[float, ...]
-  weight_decays: tuple[float, ...]
-  val_accuracy: np.ndarray
-  train_accuracy: np.ndarray
-  kernels: np.ndarray
-  biases: np.ndarray
-  best_index: tuple[int, int]
-  mean: np.ndarray
-  scale: np.ndarray
-  steps: int
-  batch_size: int | None
-
-  @property
-  def best_learning_rate(self) -> float:
-    return self.learning_rates[self.best_index[0]]
-
-  @property
-  def best_weight_decay(self) -> float:
-    return self.weight_decays[self.best_index[1]]
-
-  @property
-  def best_val_accuracy(self) -> float:
-    return float(self.val_accuracy[self.best_index])
-
-  def probe(self, i: int, j: int) -> LinearProbe:
-    """The head of learning rate `i` and weight decay `j`."""
-    return LinearProbe(self.mean, self.scale, self.kernels[i, j], self.biases[i, j])
-
-  @property
-  def best(self) -> LinearProbe:
-    """The best point's head."""
-    return self.probe(*self.best_index)
 
 
 def _flatten(features) -> np.ndarray:
@@ -146,7 +118,7 @@ def _flatten(features) -> np.ndarray:
 
 
 def standardizer(train_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Per-feature mean and scale of the train split (scale 1 for constant features).
+  """Per-feature mean and scale of the training rows (scale 1 for constant features).
 
   Args:
     train_features: (N, D) features.
@@ -185,12 +157,61 @@ def minibatch_order(num_examples: int, batch_size: int, steps: int, seed: int) -
   return np.concatenate(rows)[:steps * batch_size].reshape(steps, batch_size).astype(np.int32)
 
 
+def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+  """Which fold each example belongs to, every class spread evenly over the folds.
+
+  The examples of each class are shuffled (seeded) and dealt to the folds in
+  turn, continuing from class to class, so fold sizes differ by at most one
+  and each class's count per fold by at most one.
+
+  Args:
+    labels: int (N,).
+    folds: how many folds, at least 2.
+    seed: decides the shuffle.
+
+  Returns:
+    int64 (N,), values 0..folds-1.
+
+  Example:
+    >>> stratified_folds(np.array([0, 0, 1, 1, 1]), 2, seed=0)
+    array([0, 1, 1, 0, 0])
+  """
+  labels = np.asarray(labels)
+  rng = np.random.default_rng([seed, _FOLD_STREAM])
+  fold_of = np.empty(len(labels), np.int64)
+  dealt = 0
+  for label in np.unique(labels):
+    members = rng.permutation(np.flatnonzero(labels == label))
+    fold_of[members] = (dealt + np.arange(len(members))) % folds
+    dealt += len(members)
+  return fold_of
+
+
+def fold_count(labels: np.ndarray, folds: int) -> int:
+  """`folds`, or fewer when a class has fewer train examples than that.
+
+  Raises:
+    ValueError: a class with a single train example (none could be held
+      out), or `folds` below 2.
+  """
+  if int(folds) < 2:
+    raise ValueError(f"folds must be at least 2 (one to train on, one to hold out), not {folds}.")
+  classes, counts = np.unique(np.asarray(labels), return_counts=True)
+  rare = [(int(c), int(n)) for c, n in zip(classes, counts) if n < 2]
+  if rare:
+    listed = ", ".join(f"class {c} has {n}" for c, n in rare)
+    raise ValueError(f"Cross-validation needs at least 2 train examples of every class, to hold "
+                     f"one out while training on another, but {listed}. Add train examples of "
+                     "it, or drop the class from both splits.")
+  return int(min(int(folds), counts.min()))
+
+
 def head_logits(params, x):
   """`x @ kernel + bias` at full float32 precision (no TF32 on GPUs)."""
   return jnp.dot(x, params["kernel"], precision=jax.lax.Precision.HIGHEST) + params["bias"]
 
 
-def probe_loss(params, x, labels, weight_decay):
+def probe_loss(params, x, labels, weight_decay, weights=None):
   """Mean cross-entropy plus weight_decay / 2 * ||kernel||^2: every head's objective.
 
   Args:
@@ -198,21 +219,27 @@ def probe_loss(params, x, labels, weight_decay):
     x: standardised features (B, D).
     labels: int (B,).
     weight_decay: L2 strength (the bias is not decayed).
+    weights: None, or float (B,) of 1 (rows trained on) and 0 (rows left
+      out): the mean runs over the rows of weight 1.
 
   Returns:
     The scalar loss.
   """
   cross_entropy = optax.softmax_cross_entropy_with_integer_labels(head_logits(params, x), labels)
-  return jnp.mean(cross_entropy) + 0.5 * weight_decay * jnp.sum(params["kernel"] ** 2)
+  mean = (jnp.mean(cross_entropy) if weights is None
+          else jnp.sum(weights * cross_entropy) / jnp.sum(weights))
+  return mean + 0.5 * weight_decay * jnp.sum(params["kernel"] ** 2)
 
 
-def train_head(train_x, train_y, order, learning_rate, weight_decay, num_classes: int,
+def train_head(train_x, train_y, weights, order, learning_rate, weight_decay, num_classes: int,
                steps: int):
-  """Trains one head with Adam from zero weights (what `fit_grid` vmaps).
+  """Trains one head with Adam from zero weights (what the grid vmaps).
 
   Args:
     train_x: standardised float32 (N, D).
     train_y: int32 (N,).
+    weights: float32 (N,): 1 on the rows to train on, 0 on rows held out
+      (used by full-batch steps; `order` names only rows to train on).
     order: None for full-batch steps, else int32 (steps, B) rows per step.
     learning_rate, weight_decay: this head's settings (scalars, may be traced).
     num_classes: outputs of the head.
@@ -227,8 +254,10 @@ def train_head(train_x, train_y, order, learning_rate, weight_decay, num_classes
 
   def step(carry, rows):
     params, opt_state = carry
-    x, y = (train_x, train_y) if rows is None else (train_x[rows], train_y[rows])
-    grads = jax.grad(probe_loss)(params, x, y, weight_decay)
+    if rows is None:
+      grads = jax.grad(probe_loss)(params, train_x, train_y, weight_decay, weights)
+    else:
+      grads = jax.grad(probe_loss)(params, train_x[rows], train_y[rows], weight_decay)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), None
 
@@ -236,19 +265,30 @@ def train_head(train_x, train_y, order, learning_rate, weight_decay, num_classes
   return params
 
 
-def correct_count(params, x, labels):
-  """How many rows of standardised `x` the head classifies right (int32)."""
-  return jnp.sum(jnp.argmax(head_logits(params, x), axis=-1) == labels)
+def _right(params, x, labels):
+  """Whether the head classifies each row of standardised `x` right (bool (N,))."""
+  return jnp.argmax(head_logits(params, x), axis=-1) == labels
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "steps"))
-def _train_grid(train_x, train_y, val_x, val_y, order, learning_rates, weight_decays,
-                num_classes, steps):
-  """Every head at once: train, then count right answers on both splits."""
-  def one_head(learning_rate, weight_decay):
-    params = train_head(train_x, train_y, order, learning_rate, weight_decay, num_classes, steps)
-    return params, correct_count(params, train_x, train_y), correct_count(params, val_x, val_y)
-  return jax.vmap(one_head)(learning_rates, weight_decays)
+def _train_heads(train_x, train_y, weights, order, learning_rates, weight_decays, num_classes,
+                 steps):
+  """Every head of every fold at once, and which rows each classifies right.
+
+  Args (F folds, G grid points): train_x (F, N, D), each fold's copy
+  standardised with its statistics; weights (F, N); order None or
+  (F, steps, B); learning_rates, weight_decays (G,).
+
+  Returns:
+    params with leading axes (F, G), and bool (F, G, N): the right answers on
+    every row, those the fold trained on and those it held out.
+  """
+  def one_fold(x, w, rows):
+    def one_head(learning_rate, weight_decay):
+      params = train_head(x, train_y, w, rows, learning_rate, weight_decay, num_classes, steps)
+      return params, _right(params, x, train_y)
+    return jax.vmap(one_head)(learning_rates, weight_decays)
+  return jax.vmap(one_fold)(train_x, weights, order)
 
 
 def _check_labels(labels, count: int, num_classes: int, split: str) -> np.ndarray:
@@ -274,121 +314,371 @@ def _check_grid(values: Sequence[float], name: str, minimum_ok) -> tuple[float, 
   return values
 
 
-def fit_grid(train_x, train_y, val_x, val_y, num_classes: int,
-             learning_rates: Sequence[float], weight_decays: Sequence[float],
-             steps: int = 500, batch_size: int | None = None, seed: int = 0) -> GridResult:
-  """Trains one linear softmax head per (learning rate, weight decay) pair.
-
-  Args:
-    train_x: features (N, ...) to fit on; flattened per example.
-    train_y: int labels (N,), 0..num_classes-1.
-    val_x, val_y: features and labels to choose the best point on.
-    num_classes: outputs of each head (at least 2).
-    learning_rates: Adam learning rates (> 0), the rows of the grid.
-    weight_decays: L2 strengths (>= 0), the columns of the grid.
-    steps: optimizer steps per head.
-    batch_size: rows per step; None trains on the whole train split every step.
-    seed: decides the minibatch order (unused for full batches).
-
-  Returns:
-    A `GridResult`; `result.best` is the best head, `result.best_index` its
-    place in the grid.
-
-  Example:
-    >>> result = fit_grid(train_x, train_y, val_x, val_y, 10,
-    ...                   learning_rates=[1e-2, 1e-1], weight_decays=[0.0, 1e-3])
-    >>> result.best_learning_rate, result.best_val_accuracy
-    (0.1, 0.97)
-  """
-  train_x, val_x = _flatten(train_x), _flatten(val_x)
-  if len(train_x) == 0 or len(val_x) == 0:
-    raise ValueError(f"Need train and validation examples; got {len(train_x)} and "
-                     f"{len(val_x)}.")
-  if train_x.shape[1] != val_x.shape[1]:
-    raise ValueError(f"Train features have {train_x.shape[1]} values per example but "
-                     f"validation features {val_x.shape[1]}; extract both the same way.")
-  if not (np.isfinite(train_x).all() and np.isfinite(val_x).all()):
-    raise ValueError("The features contain NaN or infinite values.")
+def _checked_inputs(train_x, train_y, others, num_classes, learning_rates, weight_decays,
+                    steps):
+  """The checks every entry point shares; `others` are (name, x, y) of further splits."""
+  train_x = _flatten(train_x)
+  if len(train_x) == 0:
+    raise ValueError("Need train examples; got none.")
   if int(num_classes) < 2:
     raise ValueError(f"num_classes must be at least 2, not {num_classes}.")
   num_classes = int(num_classes)
+  checked = []
+  for name, x, y in others:
+    x = _flatten(x)
+    if len(x) == 0:
+      raise ValueError(f"Need {name} examples; got none.")
+    if x.shape[1] != train_x.shape[1]:
+      raise ValueError(f"Train features have {train_x.shape[1]} values per example but "
+                       f"{name} features {x.shape[1]}; extract both the same way.")
+    checked += [x, _check_labels(y, len(x), num_classes, name)]
+  if not all(np.isfinite(x).all() for x in [train_x] + checked[::2]):
+    raise ValueError("The features contain NaN or infinite values.")
   train_y = _check_labels(train_y, len(train_x), num_classes, "train")
-  val_y = _check_labels(val_y, len(val_x), num_classes, "validation")
   learning_rates = _check_grid(learning_rates, "learning_rates", lambda v: v > 0)
   weight_decays = _check_grid(weight_decays, "weight_decays", lambda v: v >= 0)
   if int(steps) < 1:
     raise ValueError(f"steps must be at least 1, not {steps}.")
-  steps = int(steps)
-  order = None if batch_size is None else minibatch_order(len(train_x), int(batch_size),
-                                                          steps, seed)
-
-  mean, scale = standardizer(train_x)
-  # Grid point (i, j) is head i * len(weight_decays) + j.
-  rates = np.repeat(np.asarray(learning_rates, np.float32), len(weight_decays))
-  decays = np.tile(np.asarray(weight_decays, np.float32), len(learning_rates))
-  params, train_correct, val_correct = _train_grid(
-      (train_x - mean) / scale, train_y, (val_x - mean) / scale, val_y, order, rates, decays,
-      num_classes=num_classes, steps=steps)
-
-  shape = (len(learning_rates), len(weight_decays))
-  val_correct = np.asarray(val_correct).reshape(shape)
-  # Most right answers first; ties to the smaller weight decay, then learning rate.
-  best = min(np.ndindex(*shape),
-             key=lambda ij: (-val_correct[ij], weight_decays[ij[1]], learning_rates[ij[0]]))
-  return GridResult(
-      learning_rates=learning_rates, weight_decays=weight_decays,
-      val_accuracy=val_correct / len(val_x),
-      train_accuracy=np.asarray(train_correct).reshape(shape) / len(train_x),
-      kernels=np.asarray(params["kernel"]).reshape(*shape, *params["kernel"].shape[1:]),
-      biases=np.asarray(params["bias"]).reshape(*shape, num_classes),
-      best_index=tuple(int(i) for i in best), mean=mean, scale=scale, steps=steps,
-      batch_size=None if batch_size is None else int(batch_size))
+  return (train_x, train_y, *checked, num_classes, learning_rates, weight_decays, int(steps))
 
 
-def format_grid(result: GridResult, metric: str = "val_accuracy") -> str:
-  """A markdown table of one accuracy grid, in percent, the best point in bold.
+def _grid_axes(learning_rates, weight_decays) -> tuple[np.ndarray, np.ndarray]:
+  """Grid point (i, j) is head i * len(weight_decays) + j."""
+  return (np.repeat(np.asarray(learning_rates, np.float32), len(weight_decays)),
+          np.tile(np.asarray(weight_decays, np.float32), len(learning_rates)))
+
+
+def choose(scores: np.ndarray, learning_rates: Sequence[float],
+           weight_decays: Sequence[float]) -> tuple[int, int]:
+  """The grid point with the highest score; `TIE_RULE` among equals.
 
   Args:
-    result: from `fit_grid`.
-    metric: "val_accuracy" or "train_accuracy".
+    scores: (len(learning_rates), len(weight_decays)).
+    learning_rates, weight_decays: the grid axes (any order).
 
   Returns:
-    Rows are learning rates, columns weight decays.
+    (i, j), by value whatever order the axes are given in.
+  """
+  # Equal accuracies computed in another order differ in the last bit (a mean
+  # of fold accuracies is 0.608...224 or 0.608...225): rounded, they tie as
+  # they should. Distinct means of fold accuracies differ by far more than 1e-9.
+  rounded = np.round(np.asarray(scores, np.float64), 9)
+  best = min(np.ndindex(*scores.shape),
+             key=lambda ij: (-rounded[ij], -weight_decays[ij[1]], learning_rates[ij[0]]))
+  return tuple(int(i) for i in best)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CrossValidation:
+  """Every grid point trained on k-1 folds and scored on the fold left out.
+
+  Attributes:
+    fold_of: int64 (N,), the fold of each train example (`stratified_folds`).
+    accuracy: float64 (len(learning_rates), len(weight_decays), folds): each
+      point's accuracy on each held-out fold.
+    kernels: float32 (len(learning_rates), len(weight_decays), folds, D, K).
+    biases: float32 (len(learning_rates), len(weight_decays), folds, K).
+    means, scales: float32 (folds, D), each fold's standardisation.
+  """
+  fold_of: np.ndarray
+  accuracy: np.ndarray
+  kernels: np.ndarray
+  biases: np.ndarray
+  means: np.ndarray
+  scales: np.ndarray
+
+  @property
+  def folds(self) -> int:
+    return self.accuracy.shape[-1]
+
+  def head(self, i: int, j: int, fold: int) -> LinearProbe:
+    """The head of learning rate `i` and weight decay `j` trained without fold `fold`."""
+    return LinearProbe(self.means[fold], self.scales[fold], self.kernels[i, j, fold],
+                       self.biases[i, j, fold])
+
+
+def cross_validate(train_x, train_y, num_classes: int, learning_rates: Sequence[float],
+                   weight_decays: Sequence[float], steps: int = 500,
+                   batch_size: int | None = None, seed: int = 0,
+                   folds: int = DEFAULT_FOLDS) -> CrossValidation:
+  """Each grid point's accuracy on each held-out fold of the train features.
+
+  Every fold's heads train on the other folds, standardised with their
+  statistics, and are scored on the fold's own rows.
+
+  Args:
+    train_x: features (N, ...); flattened per example.
+    train_y: int labels (N,), 0..num_classes-1.
+    num_classes: outputs of each head (at least 2).
+    learning_rates: Adam learning rates (> 0), the rows of the grid.
+    weight_decays: L2 strengths (>= 0), the columns of the grid.
+    steps: optimizer steps per head.
+    batch_size: rows per step; None trains on all of a fold's rows every step.
+    seed: deals the folds and orders each fold's minibatches.
+    folds: wanted folds; fewer when a class has fewer examples (`fold_count`).
+
+  Returns:
+    A `CrossValidation`.
 
   Example:
-    >>> print(format_grid(result))
+    >>> cv = cross_validate(train_x, train_y, 10, [1e-2, 1e-1], [0.0, 1e-3])
+    >>> cv.accuracy.mean(-1)     # mean held-out accuracy per grid point
+  """
+  (train_x, train_y, num_classes, learning_rates, weight_decays,
+   steps) = _checked_inputs(train_x, train_y, [], num_classes, learning_rates, weight_decays,
+                            steps)
+  folds = fold_count(train_y, folds)
+  fold_of = stratified_folds(train_y, folds, seed)
+  trained_on = [np.flatnonzero(fold_of != fold) for fold in range(folds)]
+  if batch_size is not None:
+    fewest = min(len(rows) for rows in trained_on)
+    if not 1 <= int(batch_size) <= fewest:
+      raise ValueError(f"batch_size must be between 1 and the {fewest} examples a "
+                       f"cross-validation fold trains on ({folds} folds of {len(train_x)} "
+                       f"train examples), not {batch_size}.")
+  statistics = [standardizer(train_x[rows]) for rows in trained_on]
+  standardized = np.stack([(train_x - mean) / scale for mean, scale in statistics])
+  weights = np.stack([fold_of != fold for fold in range(folds)]).astype(np.float32)
+  # Minibatches name a fold's own rows only, in the order `fit` gives them alone.
+  order = None if batch_size is None else np.stack(
+      [rows[minibatch_order(len(rows), int(batch_size), steps, seed)] for rows in trained_on]
+  ).astype(np.int32)
+  rates, decays = _grid_axes(learning_rates, weight_decays)
+  params, right = _train_heads(standardized, train_y, weights, order, rates, decays,
+                               num_classes=num_classes, steps=steps)
+  held_out = (weights == 0)[:, None, :]
+  accuracy_per_fold = (np.asarray(right) & held_out).sum(-1) / held_out.sum(-1)
+  shape = (len(learning_rates), len(weight_decays), folds)
+
+  def by_point(per_fold):  # (folds, grid points, ...) -> (lr, wd, folds, ...)
+    per_fold = np.asarray(per_fold)
+    return np.moveaxis(per_fold, 0, 1).reshape(*shape, *per_fold.shape[2:])
+  return CrossValidation(
+      fold_of=fold_of, accuracy=by_point(accuracy_per_fold), kernels=by_point(params["kernel"]),
+      biases=by_point(params["bias"]), means=np.stack([m for m, _ in statistics]),
+      scales=np.stack([s for _, s in statistics]))
+
+
+def fit(train_x, train_y, num_classes: int, learning_rate: float, weight_decay: float,
+        steps: int = 500, batch_size: int | None = None, seed: int = 0) -> LinearProbe:
+  """One head trained on all of `train_x`: the refit of a chosen point.
+
+  Args:
+    train_x, train_y, num_classes, steps, batch_size, seed: as for
+      `cross_validate`.
+    learning_rate, weight_decay: the point to train.
+
+  Returns:
+    A `LinearProbe` standardised with the statistics of all of `train_x`.
+
+  Example:
+    >>> probe = fit(train_x, train_y, 10, learning_rate=0.01, weight_decay=1e-4)
+    >>> accuracy(probe, eval_x, eval_y)
+  """
+  (train_x, train_y, num_classes, (learning_rate,), (weight_decay,),
+   steps) = _checked_inputs(train_x, train_y, [], num_classes, [learning_rate],
+                            [weight_decay], steps)
+  order = None if batch_size is None else minibatch_order(len(train_x), int(batch_size),
+                                                          steps, seed)
+  mean, scale = standardizer(train_x)
+  x = ((train_x - mean) / scale)[None]
+  params, _ = _train_heads(
+      x, train_y, np.ones((1, len(train_x)), np.float32),
+      None if order is None else order[None], np.asarray([learning_rate], np.float32),
+      np.asarray([weight_decay], np.float32), num_classes=num_classes, steps=steps)
+  return LinearProbe(mean, scale, np.asarray(params["kernel"][0, 0]),
+                     np.asarray(params["bias"][0, 0]))
+
+
+def edge_warnings(learning_rates: Sequence[float], weight_decays: Sequence[float],
+                  chosen_index: tuple[int, int]) -> list[str]:
+  """Sentences for a chosen value on the edge of its grid (an axis of one value has none).
+
+  A weight decay of 0 at the bottom is no edge: nothing is weaker than none.
+
+  Returns:
+    One sentence per edge, naming the grid and a value to add.
+  """
+  sentences = []
+  for name, values, index, what in (
+      ("learning_rates", learning_rates, chosen_index[0], "learning rate"),
+      ("weight_decays", weight_decays, chosen_index[1], "weight decay")):
+    ordered = sorted(set(values))
+    chosen = values[index]
+    if len(ordered) < 2:
+      continue
+    grid = ", ".join(f"{v:g}" for v in values)
+    if chosen == ordered[-1]:
+      ratio = ordered[-1] / ordered[-2] if ordered[-2] > 0 else 10.0
+      sentences.append(
+          f"The chosen {what} {chosen:g} is the largest in {name} [{grid}]: a larger one may "
+          f"do better. Extend the grid upward, e.g. add {chosen * ratio:g}.")
+    elif chosen == ordered[0] and chosen > 0:
+      ratio = ordered[1] / ordered[0]
+      extra = " or 0" if name == "weight_decays" else ""
+      sentences.append(
+          f"The chosen {what} {chosen:g} is the smallest in {name} [{grid}]: a smaller one may "
+          f"do better. Extend the grid downward, e.g. add {chosen / ratio:g}{extra}.")
+  return sentences
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ProbeResult:
+  """What `select_and_evaluate` found.
+
+  Attributes:
+    learning_rates, weight_decays: the grid axes as given.
+    cross_validation: the held-out accuracy of every point on every fold
+      (`cross_validation.accuracy`) and the heads behind it.
+    chosen_index: (i, j) of the best mean held-out accuracy (`TIE_RULE`).
+    probe: the head of the chosen point, trained on all train features.
+    train_accuracy: that head's accuracy on the train features.
+    eval_accuracy: that head's accuracy on the eval split (None without one),
+      measured once, after the choice.
+    num_train, num_eval: examples of each split.
+    warnings: a chosen value on the edge of its grid, with how to extend it.
+    steps, batch_size, seed: how the heads were trained.
+  """
+  learning_rates: tuple[float, ...]
+  weight_decays: tuple[float, ...]
+  cross_validation: CrossValidation
+  chosen_index: tuple[int, int]
+  probe: LinearProbe
+  train_accuracy: float
+  eval_accuracy: float | None
+  num_train: int
+  num_eval: int
+  warnings: tuple[str, ...]
+  steps: int
+  batch_size: int | None
+  seed: int
+
+  @property
+  def folds(self) -> int:
+    return self.cross_validation.folds
+
+  @property
+  def cv_accuracy(self) -> np.ndarray:
+    """Mean held-out accuracy over the folds, per grid point."""
+    return self.cross_validation.accuracy.mean(axis=-1)
+
+  @property
+  def cv_accuracy_std(self) -> np.ndarray:
+    """Sample standard deviation of the held-out accuracy over the folds, per grid point."""
+    return self.cross_validation.accuracy.std(axis=-1, ddof=1)
+
+  @property
+  def chosen_learning_rate(self) -> float:
+    return self.learning_rates[self.chosen_index[0]]
+
+  @property
+  def chosen_weight_decay(self) -> float:
+    return self.weight_decays[self.chosen_index[1]]
+
+
+def select_and_evaluate(train_x, train_y, eval_x, eval_y, num_classes: int,
+                        learning_rates: Sequence[float], weight_decays: Sequence[float],
+                        steps: int = 500, batch_size: int | None = None, seed: int = 0,
+                        folds: int = DEFAULT_FOLDS) -> ProbeResult:
+  """Chooses a grid point by cross-validation on the train features, refits, tests once.
+
+  The eval split plays no part in the choice: its features and labels are
+  used once, to score the chosen head.
+
+  Args:
+    train_x: features (N, ...); flattened per example.
+    train_y: int labels (N,), 0..num_classes-1; every class present needs at
+      least 2 examples.
+    eval_x, eval_y: the split to report, or None for no test.
+    num_classes: outputs of each head (at least 2).
+    learning_rates: Adam learning rates (> 0), the rows of the grid.
+    weight_decays: L2 strengths (>= 0), the columns of the grid.
+    steps: optimizer steps per head.
+    batch_size: rows per step; None trains on all rows every step.
+    seed: deals the folds and orders the minibatches; the result is a
+      function of the inputs and the seed.
+    folds: cross-validation folds (fewer when a class has fewer examples).
+
+  Returns:
+    A `ProbeResult`.
+
+  Example:
+    >>> result = select_and_evaluate(train_x, train_y, eval_x, eval_y, 10,
+    ...                              [1e-3, 1e-2, 1e-1], [0.0, 1e-4, 1e-3])
+    >>> result.cv_accuracy[result.chosen_index], result.eval_accuracy
+    (0.953, 0.961)
+  """
+  others = [] if eval_x is None else [("eval", eval_x, eval_y)]
+  checked = _checked_inputs(train_x, train_y, others, num_classes, learning_rates,
+                            weight_decays, steps)
+  train_x, train_y = checked[:2]
+  num_classes, learning_rates, weight_decays, steps = checked[-4:]
+  cross_validation = cross_validate(train_x, train_y, num_classes, learning_rates,
+                                    weight_decays, steps, batch_size, seed, folds)
+  chosen = choose(cross_validation.accuracy.mean(axis=-1), learning_rates, weight_decays)
+  warnings = edge_warnings(learning_rates, weight_decays, chosen)
+  for sentence in warnings:
+    log.warning("%s", sentence)
+  probe = fit(train_x, train_y, num_classes, learning_rates[chosen[0]],
+              weight_decays[chosen[1]], steps, batch_size, seed)
+  # The eval split, once, after the choice.
+  eval_accuracy = None if eval_x is None else accuracy(probe, checked[2], checked[3])
+  return ProbeResult(
+      learning_rates=learning_rates, weight_decays=weight_decays,
+      cross_validation=cross_validation, chosen_index=chosen,
+      probe=probe, train_accuracy=accuracy(probe, train_x, train_y),
+      eval_accuracy=eval_accuracy, num_train=len(train_x),
+      num_eval=0 if eval_x is None else len(checked[2]), warnings=tuple(warnings),
+      steps=steps, batch_size=None if batch_size is None else int(batch_size), seed=int(seed))
+
+
+def format_cv_grid(result: ProbeResult) -> str:
+  """Every point's cross-validation accuracy, mean ± sd over folds in %, the chosen in bold.
+
+  Rows are learning rates, columns weight decays.
+
+  Example:
+    >>> print(format_cv_grid(result))
     | learning rate \\ weight decay | 0 | 0.0001 |
     |---|---|---|
-    | 0.01 | 95.0 | **96.1** |
+    | 0.01 | 94.8 ± 1.9 | **95.3 ± 1.2** |
   """
-  if metric not in ("val_accuracy", "train_accuracy"):
-    raise ValueError(f"metric must be 'val_accuracy' or 'train_accuracy', not {metric!r}.")
-  values = getattr(result, metric)
+  mean, std = result.cv_accuracy, result.cv_accuracy_std
   lines = ["| learning rate \\ weight decay | "
            + " | ".join(f"{wd:g}" for wd in result.weight_decays) + " |",
            "|---" * (len(result.weight_decays) + 1) + "|"]
   for i, rate in enumerate(result.learning_rates):
     cells = []
     for j in range(len(result.weight_decays)):
-      cell = f"{100 * values[i, j]:.1f}"
-      cells.append(f"**{cell}**" if (i, j) == result.best_index else cell)
+      cell = f"{100 * mean[i, j]:.1f} ± {100 * std[i, j]:.1f}"
+      cells.append(f"**{cell}**" if (i, j) == result.chosen_index else cell)
     lines.append(f"| {rate:g} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
-def result_summary(result: GridResult) -> dict:
-  """The JSON-ready record of a grid (what `linear_probe.json` holds)."""
+def result_summary(result: ProbeResult) -> dict:
+  """The JSON-ready record of a probe (what `linear_probe.json` holds)."""
+  i, j = result.chosen_index
   return {
       "objective": "mean cross-entropy + weight_decay/2 * ||kernel||^2 on standardised "
                    "features, Adam from zero weights",
+      "selection": f"stratified {result.folds}-fold cross-validation on the train features "
+                   f"only (the eval split takes no part); the highest mean held-out "
+                   f"accuracy, {TIE_RULE}",
       "learning_rates": list(result.learning_rates),
       "weight_decays": list(result.weight_decays),
       "steps": result.steps,
       "batch_size": result.batch_size,
-      "val_accuracy": result.val_accuracy.tolist(),
-      "train_accuracy": result.train_accuracy.tolist(),
-      "best": {"learning_rate": result.best_learning_rate,
-               "weight_decay": result.best_weight_decay,
-               "val_accuracy": result.best_val_accuracy,
-               "train_accuracy": float(result.train_accuracy[result.best_index])},
+      "seed": result.seed,
+      "folds": result.folds,
+      "cv_accuracy_mean": result.cv_accuracy.tolist(),
+      "cv_accuracy_std": result.cv_accuracy_std.tolist(),
+      "chosen": {"learning_rate": result.chosen_learning_rate,
+                 "weight_decay": result.chosen_weight_decay,
+                 "cv_accuracy_mean": float(result.cv_accuracy[i, j]),
+                 "cv_accuracy_std": float(result.cv_accuracy_std[i, j])},
+      "refit": {"train_examples": result.num_train,
+                "train_accuracy": result.train_accuracy},
+      "eval": {"examples": result.num_eval, "accuracy": result.eval_accuracy},
+      "warnings": list(result.warnings),
   }

@@ -14,7 +14,6 @@ settings the table shows (default every key the points vary); `SWEEP_TITLE`.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
 import os
 import re
@@ -22,6 +21,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from tlflax import defaults
 from tlflax.sweeps.results import GROUP_KEY, NAME_KEY, SEED_KEY, SweepError, value_hash
 from tlflax.tree import flatten_dotted
 
@@ -83,8 +83,11 @@ def make_points(overrides_list: Sequence[dict[str, Any]],
 
   Raises:
     SweepError: an entry that is not a dict, overrides an unknown key or a
-      value of the wrong type, or two points with the same name.
+      value of the wrong type or range, or two points with the same name.
+    ConfigError: the base config itself has a key outside the schema or a
+      number out of range (see `tlflax.defaults.check_config`).
   """
+  defaults.check_config(config)
   if isinstance(overrides_list, dict) or not overrides_list:
     raise SweepError(f"sweep() must return a non-empty list of override dicts, got "
                      f"{overrides_list!r}.")
@@ -105,7 +108,12 @@ def make_points(overrides_list: Sequence[dict[str, Any]],
 
 def check_overrides(config: ml_collections.ConfigDict, point: Point,
                     known: set[str] | None = None) -> None:
-  """Raises SweepError naming the point if it overrides an unknown key or mistypes a value.
+  """Raises SweepError naming the point if its run's config would be refused.
+
+  The point may override only keys of the base config (whose keys are
+  those of the schema, `tlflax.defaults.base_config`), with values of the
+  key's type; the config it makes must pass `tlflax.defaults.check_config`
+  (numbers in range, stages that can run).
 
   Args:
     config: the base config.
@@ -113,19 +121,20 @@ def check_overrides(config: ml_collections.ConfigDict, point: Point,
     known: the config's dotted leaf keys, if already computed.
   """
   known = known if known is not None else _leaf_keys(config)
+  where = f"Point {point.name!r} (sweep() entry {point.index})"
   for key in point.overrides:
     if key == "seeds":
       raise SweepError(f"Point {point.name!r} has 'seeds': in a sweep each seed is its own "
                        "point, e.g. [{'seed': s} for s in range(3)].")
     if key not in RESERVED_KEYS and key not in known:
-      close = difflib.get_close_matches(key, sorted(known), n=3)
-      hint = f" Did you mean {', '.join(close)}?" if close else ""
-      raise SweepError(f"Point {point.name!r} (sweep() entry {point.index}) overrides "
-                       f"unknown config key {key!r}.{hint}")
+      near = defaults.nearest_key(key, known)
+      hint = f" Did you mean {near}?" if near else ""
+      raise SweepError(f"{where} overrides unknown config key {key!r}.{hint} Every key is in "
+                       "tlflax/defaults.py.")
   try:
-    point_config(config, point, "")
+    defaults.check_config(point_config(config, point, ""), where)
   except (TypeError, ValueError, KeyError) as e:
-    raise SweepError(f"Point {point.name!r} (sweep() entry {point.index}): {e}") from e
+    raise SweepError(f"{where}: {e}") from e
 
 
 def _leaf_keys(config) -> set[str]:

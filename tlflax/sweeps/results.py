@@ -2,15 +2,16 @@
 
 `tlflax.sweeps.runner` runs the points; this module only reads what they left in the
 sweep's workdir (`sweep.json` and one `<point>/result.json` per finished
-point), so it works on any subset of finished points, and its table, CSV and
-plot functions are pure and usable from a notebook:
+point), so it works on any subset of finished points, and its table and CSV
+functions (and the plots of `tlflax.sweeps.plots`) are pure and usable from a
+notebook:
 
     rows = results.collect("workdirs/depth_sweep")
     print(results.markdown_table(rows))
-    results.plot(rows, "accuracy.png", x_key="freeze.rules")
+    plots.plot(rows, "accuracy.png", x_key="freeze.rules")
 
-The spread everywhere (tables, CSV summaries, plots' error bands are min to
-max) is `mean_and_std`: the sample standard deviation over seeds (n - 1).
+The spread everywhere (tables, CSV summaries, the plots' error bars and
+bands) is `mean_and_std`: the sample standard deviation over seeds (n - 1).
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from tlflax import files
+from tlflax.training.metrics import RESULT_FILE  # what a finished run leaves
 from tlflax.tree import flatten_dotted
 
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.json"    # the sweep's points and base config
-RESULT_FILE = "result.json"  # in a point's directory once it has finished
 DEFAULT_X = "freeze.rules"   # the setting on the plot's x-axis
 SEED_KEY = "seed"            # averaged over in the table and the plot
 NAME_KEY = "name"            # a point's optional explicit name, not a setting
@@ -139,7 +140,7 @@ def write_csv(rows: Sequence[Row], path: str) -> None:
     path: the CSV file to write.
   """
   keys = list(dict.fromkeys(key for row in rows for key in row.settings))
-  with open(path, "w", newline="") as f:
+  with files.atomic_file(path, newline="") as f:
     writer = csv.writer(f)
     writer.writerow(["point", *keys, "eval_accuracy", "eval_loss", "steps", "wall_seconds",
                      "start", "finished"])
@@ -233,134 +234,17 @@ def markdown_table(rows: Sequence[Row], missing: Sequence[str] = (), title: str 
   return "\n".join(lines)
 
 
-def x_value(key: str, value: Any) -> Any:
-  """Where a setting goes on the x-axis: a number, or the label of a categorical tick.
-
-  For `freeze.rules`, `depth:K` is K, `linear_probe` is "probe" and `none`
-  is "full" (fine-tuning everything); other specs are their own label.
-  """
-  if key.endswith("freeze.rules") and isinstance(value, str):
-    name, _, argument = value.partition(":")
-    if name == "depth" and argument.isdigit():
-      return int(argument)
-    return {"linear_probe": "probe", "none": "full", "full": "full"}.get(name, value)
-  if isinstance(value, (int, float)) and not isinstance(value, bool):
-    return value
-  return display_value(key, value)
-
-
-@dataclasses.dataclass(frozen=True)
-class Series:
-  """One line of the plot: accuracies (%) over seeds at each x value."""
-  label: str
-  xs: list[Any]
-  accuracies: list[list[float]]  # per x, one value per seed
-
-  @property
-  def means(self) -> list[float]:
-    return [float(np.mean(a)) for a in self.accuracies]
-
-
-def plot_series(rows: Sequence[Row], x_key: str) -> list[Series]:
-  """The plot's data: one series per combination of the settings other than x and seed.
-
-  Args:
-    rows: from `collect`.
-    x_key: the setting on the x-axis, e.g. "freeze.rules".
-
-  Returns:
-    Series in order of appearance, with x values in order of appearance; a
-    label names the settings that differ between series.
-  """
-  if not any(x_key in row.settings for row in rows):
-    raise SweepError(f"No point sets {x_key!r}, so there is nothing to plot against; choose "
-                     "the x-axis with --x=KEY or SWEEP_X in the config.")
-  groups = group_rows(rows, exclude=(x_key, SEED_KEY))
-  varying = [k for k in dict.fromkeys(k for key in groups for k, _ in key)
-             if len({dict(key).get(k) for key in groups}) > 1]
-  series = []
-  for members in groups.values():
-    by_x: dict[Any, list[float]] = {}
-    for row in members:
-      by_x.setdefault(x_value(x_key, row.settings.get(x_key)), []).append(100 * row.accuracy)
-    settings = members[0].settings
-    label = members[0].group or ", ".join(
-        f"{k}={display_value(k, settings.get(k))}" for k in varying if k != GROUP_KEY)
-    series.append(Series(label or "all points", list(by_x), list(by_x.values())))
-  return series
-
-
-def axis_ticks(series: Sequence[Series]) -> list[Any] | None:
-  """Categorical x ticks in order of appearance; None when every x is a number.
-
-  Series with a single x value are baselines (drawn across the axis) when
-  others vary x, and then add no tick.
-  """
-  varied = [s for s in series if len(s.xs) > 1] or series
-  xs = list(dict.fromkeys(x for s in varied for x in s.xs))
-  if all(isinstance(x, (int, float)) for x in xs):
-    return None
-  return xs
-
-
-def plot(rows: Sequence[Row], path: str, x_key: str = DEFAULT_X, title: str = "") -> None:
-  """Writes a PNG of accuracy against `x_key`: mean over seeds, shaded min to max.
-
-  A series with one x value (a baseline, such as training from scratch) is
-  drawn as a horizontal line and band when other series vary x.
-
-  Args:
-    rows: from `collect`.
-    path: the PNG to write.
-    x_key: the setting on the x-axis.
-    title: the plot's title.
-  """
-  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
-  series = plot_series(rows, x_key)
-  ticks = axis_ticks(series)
-  some_vary_x = any(len(s.xs) > 1 for s in series)
-  figure = Figure(figsize=(6.4, 4.4), layout="constrained")  # no pyplot: no global state
-  axes = figure.add_subplot()
-  for index, s in enumerate(series):
-    color, seeds = f"C{index % 10}", max(len(a) for a in s.accuracies)
-    lows, highs = [min(a) for a in s.accuracies], [max(a) for a in s.accuracies]
-    if some_vary_x and len(s.xs) == 1:
-      axes.axhline(s.means[0], color=color, linestyle="--",
-                   label=f"{s.label} ({x_key}={s.xs[0]}, n={seeds})")
-      axes.axhspan(lows[0], highs[0], color=color, alpha=0.12)
-      continue
-    positions = [ticks.index(x) for x in s.xs] if ticks else s.xs
-    axes.plot(positions, s.means, marker="o", color=color, label=f"{s.label} (n={seeds})")
-    axes.fill_between(positions, lows, highs, color=color, alpha=0.2)
-    for position, values in zip(positions, s.accuracies):
-      axes.scatter([position] * len(values), values, color=color, s=8, alpha=0.5)
-  if ticks:
-    axes.set_xticks(range(len(ticks)), [str(t) for t in ticks])
-  else:  # a tick at each number plotted (freeze depths are whole numbers)
-    plotted = sorted({x for s in series if len(s.xs) > 1 or not some_vary_x for x in s.xs})
-    if len(plotted) <= 12:
-      axes.set_xticks(plotted)
-  is_depth = x_key.endswith("freeze.rules")
-  axes.set_xlabel("freeze depth (stages frozen after the stem)" if is_depth else x_key)
-  axes.set_ylabel("eval accuracy (%)")
-  axes.set_title(title or "mean over seeds; band: min to max", fontsize=10)
-  axes.grid(alpha=0.3)
-  axes.legend(fontsize=8)
-  figure.savefig(path, dpi=120)
-
-
-def plot_path(workdir: str, x_key: str) -> str:
-  """`workdir/accuracy_vs_depth.png` for freeze.rules, else `accuracy_vs_<key>.png`."""
-  name = "depth" if x_key.endswith("freeze.rules") else x_key.replace(".", "_")
-  return os.path.join(workdir, f"accuracy_vs_{name}.png")
-
-
 def write_reports(workdir: str, x_key: str | None = None) -> tuple[list[Row], list[str]]:
   """Writes results.csv, results.md and the plot from the points finished so far.
 
+  The plot (`tlflax.sweeps.plots.write_plot`) is `accuracy_by_group.png`
+  when points have a group (the demo's `seeded` points), else accuracy
+  against `x_key`, `accuracy_vs_<x>.png`.
+
   Args:
     workdir: the sweep's directory.
-    x_key: the plot's x-axis; None for the one recorded in sweep.json.
+    x_key: the plot's x-axis for points without groups; None for the one
+      recorded in sweep.json.
 
   Returns:
     The rows, and the names of the points not finished yet.
@@ -374,8 +258,10 @@ def write_reports(workdir: str, x_key: str | None = None) -> tuple[list[Row], li
   write_csv(rows, os.path.join(workdir, "results.csv"))
   files.write_text(os.path.join(workdir, "results.md"),
                    markdown_table(rows, missing, record.get("title", ""), record.get("columns")) + "\n")
+  # Imported here: plots imports this module.
+  from tlflax.sweeps import plots  # pylint: disable=import-outside-toplevel
   try:
-    plot(rows, plot_path(workdir, x_key), x_key)
+    plots.write_plot(rows, workdir, x_key, record.get("title", ""))
   except SweepError as e:
     log.warning("No plot: %s", e)
   return rows, missing

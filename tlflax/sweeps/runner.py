@@ -6,8 +6,9 @@ The sweep's workdir DIR holds:
   <point>/result.json  written when the point finishes; such a point is skipped,
                        so an interrupted sweep continues, and an interrupted
                        point resumes from its own checkpoint;
-  results.csv, results.md, accuracy_vs_<x>.png
-                       written at the end of a full run (and by `--collect`).
+  results.csv, results.md, and a plot: accuracy_by_group.png (points with a
+                       group, e.g. `seeded`) or accuracy_vs_<x>.png, written at
+                       the end of a full run (and by `--collect`).
 
 Points run in order, so a point may start from an earlier one's final
 parameters (`init.weights="@<point name>"`).
@@ -15,7 +16,6 @@ parameters (`init.weights="@<point name>"`).
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import shlex
@@ -30,6 +30,8 @@ from tlflax.sweeps import results
 from tlflax.sweeps.points import Point, point_config
 from tlflax.sweeps.results import DEFAULT_X, RESULT_FILE, SWEEP_FILE, SweepError
 from tlflax.training import loop
+from tlflax.training import workdir as workdir_lib
+from tlflax.training.metrics import result_record
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +56,14 @@ def prepare(config: ml_collections.ConfigDict, points: Sequence[Point], workdir:
     workdir: the sweep's directory.
     x_key: the key `plot` puts on the x-axis.
     overwrite: replace the sweep.json of a different sweep. Nothing else is
-      touched: finished points keep their results (and are not re-run).
+      touched: finished points keep their results (and are not re-run), so
+      a finished point whose settings the new sweep changes is refused.
     columns: the settings the table shows (None: every varied key).
     title: a line above the table.
 
   Raises:
-    SweepError: `workdir` holds another sweep and `overwrite` is False.
+    SweepError: `workdir` holds another sweep and `overwrite` is False, or
+      the new sweep changes settings of finished points (naming them).
   """
   os.makedirs(workdir, exist_ok=True)
   record = sweep_record(config, points, x_key, columns, title)
@@ -74,8 +78,36 @@ def prepare(config: ml_collections.ConfigDict, points: Sequence[Point], workdir:
           f"{workdir} holds a different sweep ({'; '.join(differences)}). Use another "
           "--workdir, or pass --overwrite to redefine the sweep here: finished points keep "
           f"their {RESULT_FILE} and are not re-run (delete one to re-run it).")
+    _check_finished_points(config, points, workdir)
     log.warning("Redefining the sweep in %s (%s).", workdir, "; ".join(differences))
   files.write_json(path, record)  # atomic: array tasks may write at the same time
+
+
+def _check_finished_points(config: ml_collections.ConfigDict, points: Sequence[Point],
+                           workdir: str, limit: int = 5) -> None:
+  """Refuses a redefined sweep that would report finished points it gives other settings.
+
+  A finished point is skipped, so its result would stand for settings it
+  did not run with: the rule a single finished run follows
+  (`tlflax.training.workdir.check_rerun`), compared with the config the
+  point ran under.
+  """
+  changed = []
+  for point in points:
+    point_dir = os.path.join(workdir, point.name)
+    recorded = workdir_lib.config_record(point_dir) if os.path.exists(
+        os.path.join(point_dir, RESULT_FILE)) else None
+    if recorded is None:
+      continue
+    changes = workdir_lib.changed_settings(recorded, point_config(config, point, workdir))
+    if changes:
+      changed.append(f"{point.name} ({workdir_lib.describe_changes(changes)})")
+  if changed:
+    more = f" and {len(changed) - limit} more" if len(changed) > limit else ""
+    raise SweepError(
+        f"The redefined sweep changes settings of finished points, whose results would be "
+        f"reported as this sweep's: {'; '.join(changed[:limit])}{more}. Use another "
+        "--workdir, or delete those points' directories to re-run them.")
 
 
 def _describe_difference(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -163,10 +195,9 @@ def run_point(config: ml_collections.ConfigDict, point: Point, workdir: str) -> 
                 metrics.get("step"))
     return None
   os.makedirs(point_dir, exist_ok=True)
+  # The schema a single run's result.json has, plus which point it is.
   record = {"point": point.name, "overrides": tree.to_json(point.overrides),
-            "metrics": tree.to_json(metrics), "wall_seconds": time.monotonic() - started,
-            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec="seconds")}
+            **result_record(metrics, time.monotonic() - started)}
   files.write_json(result_path, record)  # a result.json is either complete or absent
   return record
 

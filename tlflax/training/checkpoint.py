@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from etils import epath
 import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers
+from orbax.checkpoint import checkpoint_manager, checkpoint_managers
 
 from tlflax import tree
 from tlflax.training import workdir as workdir_lib
@@ -45,6 +45,7 @@ CHECKPOINT_DIR = workdir_lib.CHECKPOINT_DIR
 CONFIG_FILE = workdir_lib.CONFIG_FILE
 STATE_ITEM = "state"
 EXTRA_ITEM = "extra"
+TOTAL_STEPS_KEY = "total_steps"  # in a checkpoint's extra: the run's last step
 
 # Metric names that mean "lower is better" when no mode is given.
 _LOWER_IS_BETTER = ("loss", "error", "perplexity", "nll")
@@ -73,7 +74,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str | os.PathLike, keep: int | None = 3,
                best_metric: str | None = None, best_mode: str = "auto",
-               config: Any = None, async_save: bool = True):
+               config: Any = None, async_save: bool = True, total_steps: int | None = None):
     """Opens (creating if needed) the checkpoints of a workdir.
 
     Args:
@@ -88,6 +89,9 @@ class Checkpointer:
         `WORKDIR/config.json` by process 0; None writes nothing.
       async_save: write checkpoints in a background thread (`save` returns once
         the arrays are copied off the devices).
+      total_steps: the run's last step, recorded in every checkpoint's extra
+        (as "total_steps"), so that a later start tells a finished run from
+        one stopped mid-way without building anything (`recorded_total_steps`).
 
     Raises:
       CheckpointError: `workdir` or `workdir/checkpoints` is a file.
@@ -123,6 +127,7 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           handler_registry=_handler_registry())
     self._metrics_saved_here: dict[int, dict[str, float]] = {}
+    self.total_steps = None if total_steps is None else int(total_steps)
     if config is not None and jax.process_index() == 0:
       workdir_lib.write_config(self.workdir, config, resumed_at=self.latest_step())
 
@@ -185,7 +190,10 @@ class Checkpointer:
           f"Cannot save step {step}: {self.directory} already holds the newer step "
           f"{latest}. Steps must increase across a run (count steps globally over "
           "stages), or use a fresh workdir.")
-    extra_json = _to_json(dict(extra or {}), "extra")
+    extra = dict(extra or {})
+    if self.total_steps is not None:
+      extra.setdefault(TOTAL_STEPS_KEY, self.total_steps)
+    extra_json = _to_json(extra, "extra")
     metrics_json = _metrics_to_json(metrics)
     if self.best_metric and metrics_json is None:
       # An empty record ranks worst; it also spares orbax's warning about
@@ -335,6 +343,39 @@ def latest_step_on_disk(workdir: str | os.PathLike) -> int | None:
     return None
   steps = [m.step for m in ocp.path.step.standard_name_format().find_all(root)]
   return max(steps) if steps else None
+
+
+def recorded_total_steps(workdir: str | os.PathLike, step: int) -> int | None:
+  """The run's last step as checkpoint `step` of a workdir records it (see `Checkpointer`).
+
+  Reads one small JSON file: nothing is built or written. None for a
+  checkpoint written before tlflax recorded it.
+  """
+  extra = _read_json_item(_find_step_dir(os.path.abspath(os.fspath(workdir)), step), EXTRA_ITEM)
+  total = (extra or {}).get(TOTAL_STEPS_KEY)
+  return None if total is None else int(total)
+
+
+def saved_metrics(path: str | os.PathLike, step: int | None = None) -> dict[str, float]:
+  """The metrics saved with a checkpoint ({} when none were), read without opening a manager.
+
+  Args:
+    path: a workdir (or a finished stage's directory), its checkpoints
+      directory, or one step's directory.
+    step: which checkpoint; None for the latest.
+  """
+  step_dir = _find_step_dir(os.path.abspath(os.fspath(path)), step)
+  return _read_json_item(step_dir, checkpoint_manager.METRIC_ITEM_NAME,
+                         filename=checkpoint_manager.METRIC_ITEM_NAME) or {}
+
+
+def _read_json_item(step_dir: str, item: str, filename: str | None = None) -> Any:
+  """A JSON item of one step's directory, as the handler that wrote it reads it (None if absent)."""
+  item_dir = epath.Path(step_dir) / item
+  if not item_dir.exists():
+    return None
+  options = {"filename": filename} if filename else {}
+  return ocp.handlers.JsonCheckpointHandler(**options).restore(item_dir)
 
 
 def _find_step_dir(path: str, step: int | None) -> str:

@@ -2,7 +2,8 @@
 
 Start-up order (what makes preempted and staged jobs restartable):
   1. resume from `WORKDIR/checkpoints` if a checkpoint is there;
-  2. else initialise from `config.init.weights` (new head re-initialised);
+  2. else initialise from `config.init.weights` (its head kept when it
+     predicts this task's classes, else a new head; see `tlflax.build`);
   3. else from scratch.
 Steps 2-3 are `tlflax.build.build`.
 The log says which one happened.
@@ -20,12 +21,13 @@ import dataclasses
 import logging
 import math
 import os
+import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from tlflax import build, data, freeze, optim, sharding, steps
+from tlflax import build, data, defaults, freeze, optim, sharding, steps
 from tlflax import stages as stages_lib
 from tlflax.training import checkpoint, metrics, preemption, prefix_cache
 from tlflax.training import workdir as workdir_lib
@@ -85,19 +87,21 @@ def setup(config, resume: bool) -> Setup:
   """Data, model, the stage plan and the starting variables (steps 2-3 above).
 
   Everything that can be checked before training is checked here, before
-  the run writes anything into its workdir: the batch sizes, the data, the
-  model and its weights, and every stage's freeze rules and optimizer.
+  the run writes anything into its workdir: the config's keys and numbers,
+  the data, the model and its weights, and every stage's freeze rules and
+  optimizer.
   """
-  for key in ("batch_size", "eval_batch_size"):
-    if int(config[key]) < 1:
-      raise ValueError(f"{key}={config[key]}: use a positive number of images per batch.")
+  # Keys outside the schema and numbers out of range (tlflax.defaults).
+  defaults.check_config(config)
   sharding.check_batch_size(config.batch_size)
   sharding.check_batch_size(config.eval_batch_size, "eval_batch_size")
   train_data, eval_data = build_datasets(config)
   # A resumed run restores its own state: pretrained weights are not read.
-  built = build.build(config, train_data.num_classes, read_weights=not resume)
+  built = build.build(config, train_data.num_classes, read_weights=not resume,
+                      class_names=train_data.class_names)
   plan = stages_lib.plan(config, train_data.steps_per_epoch,
-                         total_train_steps(config, train_data.steps_per_epoch))
+                         total_train_steps(config, train_data.steps_per_epoch),
+                         built.model.stage_names)
   for stage in plan:
     stages_lib.make_stage_optimizer(
         stage, compile_freezing(config, stage, built.model, built.variables["params"]))
@@ -143,7 +147,8 @@ def build_stage(config, run: Setup, stage: stages_lib.Stage, variables, mesh) ->
     for split, dataset in (("train", train_data), ("eval", eval_data)):
       features, labels, hit = prefix_cache.prefix_outputs(
           config.model.name, model, host_variables, dataset, config.data, split,
-          cached_stage, config.eval_batch_size, config.prefix_cache.directory)
+          cached_stage, config.eval_batch_size, config.prefix_cache.directory,
+          model_options=config.model.get("options", ""))
       caches.append(prefix_cache.cached_dataset(dataset, features, labels))
       log.info("Stage %s: %s features of %s (%s) %s the prefix cache.", stage.name,
                cached_stage, split, "x".join(map(str, features.shape)),
@@ -231,7 +236,20 @@ def evaluate(eval_step, state, eval_data, mesh) -> dict[str, float]:
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.tree.map(float, totals)
   count = max(totals["count"], 1.0)
-  return {"loss": totals["loss_sum"] / count, "accuracy": totals["correct"] / count}
+  result = {"loss": totals["loss_sum"] / count, "accuracy": totals["correct"] / count}
+  if getattr(eval_data, "skip_bad_files", False):
+    # Images that failed to decode are masked out (data.skip_bad_files): an
+    # evaluation over fewer examples is another number, so it says so.
+    result["skipped_files"] = eval_data.num_examples - totals["count"]
+    if totals["count"] == 0:
+      raise ValueError(f"None of the {eval_data.num_examples} evaluation images could be "
+                       "decoded (data.skip_bad_files=True skipped them all); check the eval "
+                       "split's files.")
+    if result["skipped_files"]:
+      log.warning("Evaluation left out %d of %d examples whose files fail to decode: its "
+                  "accuracy is over the other %d.", result["skipped_files"],
+                  eval_data.num_examples, totals["count"])
+  return result
 
 
 def check_finite(step: int, step_metrics: dict, ckpt: checkpoint.Checkpointer) -> None:
@@ -269,44 +287,73 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   Args:
     config: a config from `configs/` (see `tlflax.defaults.base_config`).
-    workdir: where checkpoints, `metrics.jsonl` and TensorBoard files go; a
-      workdir with a checkpoint is resumed. It belongs to one run at a time
-      (`tlflax.training.workdir.lock`).
+    workdir: where checkpoints, `metrics.jsonl` and TensorBoard files go, and
+      at the end of a finished run `result.json` (the returned metrics, as a
+      sweep's point records them) and `training_curves.png`; a workdir with a
+      checkpoint is resumed, and one whose run has finished answers with its
+      stored result if the settings are the same, and refuses other
+      settings (`tlflax.training.workdir.check_rerun`). It belongs to one
+      run at a time (`tlflax.training.workdir.lock`).
 
   Returns:
     `{"eval/accuracy": ..., "eval/loss": ..., "step": ..., "start": ...}`;
     a run stopped by SIGTERM or SIGINT (after saving) returns
-    `{"step": ..., "preempted": True, "signal": "SIGTERM" | "SIGINT", ...}`.
+    `{"step": ..., "preempted": True, "signal": "SIGTERM" | "SIGINT", ...}`;
+    a run that had finished before returns its result with
+    `"already_finished": True`.
     Many runs (a sweep, a study, an ablation) are `tlflax.sweeps`.
 
   Raises:
     NonFiniteLossError: the loss, the state or the evaluation became NaN or
       infinite (the bad state is not saved; the message says how to go on).
     ValueError, OSError, CheckpointError, WeightsError: a config, data,
-      weights or workdir that cannot be used; raised before anything is
-      written into the workdir where it can be checked that early.
+      weights or workdir that cannot be used, or a finished run rerun with
+      other settings; raised before anything is written into the workdir
+      where it can be checked that early.
   """
+  started = time.monotonic()
   workdir = os.path.abspath(workdir)  # orbax wants absolute paths
   sharding.initialize_distributed(config.distributed)
   workdir_lib.usable_workdir(workdir)
+  # A workdir with checkpoints is a rerun: a finished run answers with its
+  # result (or refuses other settings) here, before anything is built.
+  latest = checkpoint.latest_step_on_disk(workdir)
+  recorded_total = None if latest is None else checkpoint.recorded_total_steps(workdir, latest)
+  if recorded_total is not None:
+    finished = workdir_lib.check_rerun(config, workdir, latest, recorded_total)
+    if finished is not None:
+      return finished
   # Checked and built before anything is written: a refused start leaves no trace.
-  run = setup(config, resume=checkpoint.latest_step_on_disk(workdir) is not None)
+  run = setup(config, resume=latest is not None)
+  if latest is not None and recorded_total is None:  # checkpoints older than that record
+    finished = workdir_lib.check_rerun(config, workdir, latest, run.total_steps)
+    if finished is not None:
+      return finished
   mesh = sharding.make_mesh()
   with contextlib.ExitStack() as cleanup:
     cleanup.enter_context(workdir_lib.lock(workdir))
     ckpt = cleanup.enter_context(checkpoint.Checkpointer(
-        workdir, keep=config.keep_checkpoints, best_metric=config.best_metric))
+        workdir, keep=config.keep_checkpoints, best_metric=config.best_metric,
+        total_steps=run.total_steps))
     current, state = initial_state(config, run, ckpt, mesh)
     if jax.process_index() == 0:  # on record once the start is known to work
       workdir_lib.write_config(workdir, config, resumed_at=ckpt.latest_step())
       workdir_lib.write_class_names(workdir, run.train_data.class_names)
+      metrics.remove_result(workdir)  # an earlier finish's result: this run goes on
     if preemption.install_preemption_handler():
       cleanup.callback(preemption.uninstall_preemption_handler)
     writer = metrics.MetricsWriter(workdir)
     cleanup.callback(writer.close)
     progress = metrics.Progress(run.total_steps, int(state.step), config.batch_size)
     cleanup.callback(progress.close)
-    return _train(config, workdir, run, current, state, ckpt, writer, progress, mesh)
+    result = _train(config, workdir, run, current, state, ckpt, writer, progress, mesh)
+    if not result.get("preempted") and jax.process_index() == 0:
+      # Only a finished run has a result.json (what a sweep counts as finished).
+      metrics.write_result(workdir, result, time.monotonic() - started)
+      metrics.plot_training_curves(
+          workdir, [(s.name, s.end) for s in run.stages],
+          title=f"{os.path.basename(workdir)}: {config.model.name}, {run.start} start")
+    return result
 
 
 def _train(config, workdir: str, run: Setup, current: StageRun, state, ckpt, writer, progress,
@@ -319,16 +366,21 @@ def _train(config, workdir: str, run: Setup, current: StageRun, state, ckpt, wri
   final, stage_results = {}, {}
   last_saved = step if run.start == "resumed" else None
   unchecked = None  # (step, metrics) of the last step whose loss was not read yet
+  skipped_files = None  # data.skip_bad_files: rows that failed to decode since the last line
 
   while step < run.total_steps:
     if stages_lib.stage_of_next_step(run.stages, step).index != current.stage.index:
       current, state = next_stage(config, run, current, state, mesh)
     stage = current.stage
+    stage_label = stage.name if len(run.stages) > 1 else None  # shown in log lines
     learning_rate = optim.schedule_fn(stage.optimizer, stage.num_steps)
     # One stream of batches from this step to the stage's end, across epochs.
     batches = sharding.prefetch_to_mesh(current.train_data.stream(step, stage.end), mesh)
     for batch in batches:
       epoch = step // per_epoch
+      if "skipped" in batch:  # rows whose file failed to decode, each replaced (data.pipeline)
+        skipped = jnp.sum(batch.pop("skipped"))
+        skipped_files = skipped if skipped_files is None else skipped_files + skipped
       new_state, step_metrics = current.train_step(state, batch)
       # Step k is dispatched; reading step k-1's loss now lets the device
       # run k while the host waits, instead of idling between steps.
@@ -336,6 +388,7 @@ def _train(config, workdir: str, run: Setup, current: StageRun, state, ckpt, wri
         check_finite(*unchecked, ckpt)
       state, step = new_state, step + 1
       unchecked = (step, step_metrics)
+      progress.advance(step)
       stage_done = step == stage.end
       preempted = preemption.preemption_requested(step)
       save_now = step % save_every == 0 or stage_done or preempted
@@ -348,14 +401,16 @@ def _train(config, workdir: str, run: Setup, current: StageRun, state, ckpt, wri
       if step % config.log_every_steps == 0 or stage_done:
         values = jax.tree.map(float, step_metrics)
         values.pop("state_finite")
-        values["images_per_second"] = progress.update(step, values)
+        if skipped_files is not None:
+          values["skipped_files"], skipped_files = float(skipped_files), None
+        values["images_per_second"] = progress.update(step, values, stage_label)
         values["learning_rate"] = float(learning_rate(step - 1 - stage.start))  # this update's
         values["stage"] = float(stage.index)
         writer.write(step, "train", values)
       if step % eval_every == 0 or stage_done:
         final = evaluate(current.eval_step, state, current.eval_data, mesh)
         writer.write(step, "eval", final)
-        log.info("step %d (stage %s) eval: %s", step, stage.name, final)
+        progress.evaluated(step, final, stage_label)
       elif save_now:
         # A checkpoint is kept only with a finite evaluation at its step
         # (checked here, not logged: metrics.jsonl keeps its schedule).

@@ -16,6 +16,11 @@ stages are reused: stage k is computed from the deepest cached stage j < k of
 the same weights, so a freezing-depth sweep runs each stage over the data
 once in all.
 
+An entry holds a row for every example. A file that fails to decode (with
+`data.skip_bad_files=True`) is refused with an error naming it
+(`SkippedFileError`) before anything is written; training without the cache
+skips it.
+
     CACHE_DIR/<key>/features.npy   float32 (examples, H, W, C) in dataset order
     CACHE_DIR/<key>/labels.npy     int32 (examples,)
     CACHE_DIR/<key>/info.json      what the key was made of
@@ -43,6 +48,10 @@ from tlflax.tree import flatten
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+
+
+class SkippedFileError(ValueError):
+  """A file of the data fails to decode, and the prefix cache cannot leave it out."""
 
 
 def default_directory() -> str:
@@ -80,7 +89,7 @@ def frozen_prefix(model, freezing: Freezing, params) -> Optional[str]:
 
 
 def cache_key(model_name: str, model, stage: str, variables, data_config, split: str,
-              example_ids: np.ndarray) -> str:
+              example_ids: np.ndarray, model_options: str = "") -> str:
   """A hash of everything the cached stage output depends on."""
   digest = hashlib.sha256()
   names = list(model.stage_names)
@@ -96,6 +105,8 @@ def cache_key(model_name: str, model, stage: str, variables, data_config, split:
   description = {"version": FORMAT_VERSION, "model": model_name, "stage": stage,
                  "dtype": str(jnp.dtype(model.dtype)), "data": data,
                  "examples": len(example_ids)}
+  if model_options:  # e.g. transform_input=False changes the stem (keys without stay as they were)
+    description["model_options"] = model_options
   digest.update(json.dumps(description, sort_keys=True).encode())
   digest.update(np.ascontiguousarray(example_ids, np.int64).tobytes())
   for collection in ("params", "batch_stats"):
@@ -160,7 +171,7 @@ def in_order(dataset: pipeline.Dataset, batch_size: int) -> pipeline.Dataset:
 
 def prefix_outputs(model_name: str, model, variables, dataset: pipeline.Dataset,
                    data_config, split: str, stage: str, batch_size: int,
-                   directory: str = "", progress: bool = True,
+                   directory: str = "", progress: bool = True, model_options: str = "",
                    ) -> tuple[np.ndarray, np.ndarray, bool]:
   """Stage `stage`'s output for every example of a dataset, from the cache or computed.
 
@@ -176,15 +187,21 @@ def prefix_outputs(model_name: str, model, variables, dataset: pipeline.Dataset,
     batch_size: examples per forward pass.
     directory: the cache folder ("" = `default_directory()`).
     progress: show a progress bar while computing.
+    model_options: `config.model.options` (part of the key: an option such
+      as inception_v3's transform_input changes what the prefix computes).
 
   Returns:
     (features float32 (N, ...), labels int32 (N,), True if read from the cache).
+
+  Raises:
+    SkippedFileError: a file fails to decode (with `data.skip_bad_files`):
+      the cache holds a row for every example, so it refuses, writing nothing.
   """
   directory = directory or default_directory()
   images = in_order(dataset, batch_size)
   names = list(model.stage_names)
   keys = {s: cache_key(model_name, model, s, variables, data_config, split,
-                       images.example_ids) for s in names[:names.index(stage) + 1]}
+                       images.example_ids, model_options) for s in names[:names.index(stage) + 1]}
   path = os.path.join(directory, keys[stage])
   if os.path.exists(os.path.join(path, "info.json")):
     return (np.load(os.path.join(path, "features.npy"), mmap_mode="r"),
@@ -214,11 +231,22 @@ def prefix_outputs(model_name: str, model, variables, dataset: pipeline.Dataset,
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
     batches = tqdm(batches, total=source.steps_per_epoch, desc=f"cache {stage} ({split})",
                    unit="batch", leave=False)
-  for batch in batches:
+  for step, batch in enumerate(batches):
+    if batch.get("skipped", np.zeros(0)).any():
+      # An entry needs a row for every example, in order (`cached_dataset`);
+      # refused before anything is written.
+      position = step * batch_size + int(np.flatnonzero(batch["skipped"])[0])
+      name = images.source.example_name(int(images.example_ids[position]))
+      raise SkippedFileError(
+          f"The prefix cache needs every example, but {name} fails to decode "
+          "(data.skip_bad_files=True skips it). Replace or remove the file, or set "
+          "config.prefix_cache.enabled=False to train from the images, skipping it.")
     real = batch["mask"] > 0
     outputs.append(np.asarray(run(batch["image"]), np.float32)[real])
     labels.append(batch["label"][real])
   features, labels = np.concatenate(outputs), np.concatenate(labels).astype(np.int32)
+  if len(features) != images.num_examples:  # never write an entry that is short
+    raise RuntimeError(f"Computed {len(features)} rows for {images.num_examples} examples.")
   _write(path, features, labels, {"model": model_name, "stage": stage, "split": split,
                                   "computed_from": start or "images",
                                   "examples": int(len(labels)),

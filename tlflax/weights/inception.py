@@ -95,6 +95,15 @@ def convert(model_name: str, path: str, source: str) -> dict[str, np.ndarray]:
   return convert_state_dict(state_dict, get_model(model_name), names=TORCHVISION_NAMES)
 
 
+# Options a torchvision file cannot carry, so `tlflax.weights.convert` assumes
+# the model's default and logs it: option -> (why that value, what to pass instead).
+ASSUMED_OPTIONS = {
+    "inception_v3": {
+        "transform_input": ("torchvision's pretrained setting",
+                            "transform_input=False for a network trained without it"),
+    },
+}
+
 # torchvision's Inception_V3_Weights.IMAGENET1K_V1: 342 -> 299, bilinear, ImageNet
 # mean/std, read by inception_v3's transform_input (on by default, as torchvision
 # sets it for these weights; see InceptionV3.transform_input).

@@ -3,7 +3,8 @@
 A checkpoint is a directory:
 
     DIR/provenance.json   what the weights are, where they came from, how to
-                          prepare images for them
+                          prepare images for them, the model options the
+                          network is built with
     DIR/variables/        an orbax checkpoint of {"params": ..., "batch_stats": ...}
 
     >>> save("ckpt/resnet50", variables, {"model_name": "resnet50", "source": "torchvision"})
@@ -139,6 +140,22 @@ def read_provenance(directory: str | os.PathLike) -> dict[str, Any]:
   if not isinstance(provenance, dict) or provenance.get("format") != FORMAT:
     raise WeightsError(f"{path} is not tlflax provenance (no \"format\": \"{FORMAT}\").")
   return provenance
+
+
+def model_options(provenance: Mapping[str, Any]) -> dict[str, Any]:
+  """The model options a checkpoint's network is built with (its "model_options").
+
+  JSON has no tuples, so lists come back as tuples (a module's fields must be
+  hashable, e.g. `frozen_batchnorm`). A checkpoint written before options
+  were recorded gives `{}`.
+
+  Example:
+    >>> model_options(read_provenance("ckpt/inception"))
+    {'transform_input': False}
+  """
+  def as_tuples(value):
+    return tuple(as_tuples(v) for v in value) if isinstance(value, list) else value
+  return {key: as_tuples(value) for key, value in (provenance.get("model_options") or {}).items()}
 
 
 def _describe_contents(directory: str) -> str:
