@@ -95,10 +95,15 @@ FLOAT64_TOLERANCE = 1e-9
 #   correct implementations differ in the constant (summation order and
 #   blocking, which change with the CPU's vector width and thread count; the
 #   variance formula), not in the order of magnitude: measured over 17
-#   networks under three CPU settings, ours / PyTorch's error is 0.5-2.3. The
-#   check is that ours is at most 4x the reference's own float32 error,
-#   measured in the same run on the same machine (floor: the inference
-#   tolerance). Exactness itself is the float64 check's job.
+#   networks under three CPU settings, ours / PyTorch's error is 0.5-2.3.
+#   One batch's error is a heavy-tailed sample, though: EfficientNetV2-S at
+#   32 px normalises 4 numbers per channel in its last stages, and over four
+#   batches the ratio was 0.97, 1.0, 1.5 and 4.5 on one machine (5.7 for the
+#   4.5 batch on another, where PyTorch rounded luckier). So the check takes
+#   the median error over three batches on each side (1.5 there) and asks
+#   that ours be at most 4x the reference's own float32 error, measured in
+#   the same run on the same machine (floor: the inference tolerance).
+#   Exactness itself is the float64 check's job.
 FLOAT32_TRAIN_FACTOR = 4.0
 
 

@@ -164,12 +164,23 @@ def _subtract_first_batch_normalization(x, mean, variance, axis, offset=None, sc
   return y if offset is None else y + jnp.reshape(offset, shape)
 
 
-def keras_train_mode(model, images, monkeypatch):
-  """Keras' training-mode output, BatchNorm rearranged (see the module doc)."""
-  with monkeypatch.context() as patch:
-    patch.setattr(keras_backend.nn, "batch_normalization",
-                  _subtract_first_batch_normalization)
-    return np.asarray(model(images, training=True))
+def keras_train_mode(model, images, monkeypatch, keep_updated_statistics=False):
+  """Keras' training-mode output, BatchNorm rearranged (see the module doc).
+
+  A training-mode call moves every BatchNorm's moving statistics. They are
+  put back unless `keep_updated_statistics` (for a test that compares them),
+  so a later inference comparison with the same model (a module-scoped
+  fixture, whichever test a worker runs first) still sees the saved weights.
+  """
+  saved = model.get_weights()
+  try:
+    with monkeypatch.context() as patch:
+      patch.setattr(keras_backend.nn, "batch_normalization",
+                    _subtract_first_batch_normalization)
+      return np.asarray(model(images, training=True))
+  finally:
+    if not keep_updated_statistics:
+      model.set_weights(saved)
 
 
 def max_leaf_error(actual_tree, expected_tree):
@@ -198,7 +209,7 @@ def test_keras_resnet_parity(name, tmp_path, monkeypatch):
   actual = model.apply(variables, images, train=False)
   assert relative_error(actual, expected) < TOLERANCE
 
-  expected = keras_train_mode(reference, images, monkeypatch)
+  expected = keras_train_mode(reference, images, monkeypatch, keep_updated_statistics=True)
   actual, state = model.apply(variables, images, train=True, mutable=["batch_stats"])
   # Keras cannot run these models in float64, so our own float32 error stands
   # in for the reference's (the same function, conditioned alike).

@@ -81,27 +81,39 @@ def test_torchvision_parity(name, tmp_path):
   assert_train_mode_parity(reference, model, variables, size)
 
 
+# The float32 training-mode comparison runs on three batches (their seeds).
+TRAIN_BATCHES = (2, 3, 4)
+
+
 def assert_train_mode_parity(reference, model, variables, size):
   """Batch-statistics outputs: exact in float64, as close as rounding allows in float32.
 
   Both frameworks run the same weights on the same images in float64 (the
-  mathematics, to FLOAT64_TOLERANCE) and in float32 (ours within
-  `float32_train_bound` of PyTorch's own float32 error; see tests/conftest.py
-  for both arguments).
+  mathematics, to FLOAT64_TOLERANCE, on the first batch) and in float32 (ours
+  within `float32_train_bound` of PyTorch's own float32 error; see
+  tests/conftest.py for both arguments). The float32 errors are medians over
+  TRAIN_BATCHES batches: one batch's rounding error is a heavy-tailed sample
+  (see conftest.FLOAT32_TRAIN_FACTOR).
 
   Returns:
     {"train32": ..., "train32_bound": ..., "train64": ...}, the relative errors.
   """
-  images = np.random.RandomState(2).randn(4, 3, size, size).astype(np.float32)
-  reference.train()
-  with torch.no_grad():
-    expected32 = reference(torch.from_numpy(images)).numpy()
-    exact = reference.double()(torch.from_numpy(images).double()).numpy()
-  reference.float()
-  actual, _ = model.apply(variables, to_nhwc(images), train=True, mutable=["batch_stats"])
-  errors = {"train32": relative_error(actual, exact),
-            "train32_bound": float32_train_bound(relative_error(expected32, exact)),
-            "train64": relative_error(run_in_float64(model, variables, images, train=True), exact)}
+  ours, theirs, train64 = [], [], None
+  for seed in TRAIN_BATCHES:
+    images = np.random.RandomState(seed).randn(4, 3, size, size).astype(np.float32)
+    reference.train()
+    with torch.no_grad():
+      expected32 = reference(torch.from_numpy(images)).numpy()
+      exact = reference.double()(torch.from_numpy(images).double()).numpy()
+    reference.float()
+    actual, _ = model.apply(variables, to_nhwc(images), train=True, mutable=["batch_stats"])
+    ours.append(relative_error(actual, exact))
+    theirs.append(relative_error(expected32, exact))
+    if train64 is None:
+      train64 = relative_error(run_in_float64(model, variables, images, train=True), exact)
+  errors = {"train32": float(np.median(ours)),
+            "train32_bound": float32_train_bound(float(np.median(theirs))),
+            "train64": train64}
   assert errors["train32"] < errors["train32_bound"]
   assert errors["train64"] < FLOAT64_TOLERANCE
   return errors
