@@ -357,6 +357,52 @@ def test_small_map_conv_equals_xla_convolution(size, kernel, stride, padding):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * float(np.max(np.abs(b))))
 
 
+@pytest.mark.parametrize("size, kernel, stride, padding", [
+    (8, 3, 1, (1, 1)), (9, 3, 2, (1, 1)), (8, 3, 2, (0, 1)), (8, 5, 2, (1, 2)),
+    (7, 7, 1, (3, 3)), (1, 3, 1, (1, 1)), (6, 5, 1, (2, 2))])
+def test_depthwise_path_is_xlas_grouped_convolution_in_float64(size, kernel, stride, padding):
+  """The depthwise path computes the same sums as XLA's grouped convolution.
+
+  Exact mathematics, checked in float64: only the order of the kernel_h *
+  kernel_w additions differs, so values and gradients agree to ~1e-15 of
+  their scale (bound 1e-12). Asymmetric padding is Keras' stride-2 "same".
+  """
+  channels = 6
+  rng = np.random.RandomState(size + kernel + stride)
+  with jax.enable_x64(True):
+    x = jnp.asarray(rng.randn(2, size, size + 1, channels), jnp.float64)
+    w = jnp.asarray(rng.randn(kernel, kernel, 1, channels), jnp.float64)
+    pads = (padding, padding)
+    numbers = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def ours(x, w):
+      return layers.small_map_conv(x, w, (stride, stride), pads, dimension_numbers=numbers,
+                                   feature_group_count=channels)
+
+    def xla(x, w):
+      return jax.lax.conv_general_dilated(x, w, (stride, stride), pads, dimension_numbers=numbers,
+                                          feature_group_count=channels)
+
+    # The CPU takes the shifted-view path: no convolution is left in it.
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(ours)(x, w))
+    expected = np.asarray(xla(x, w))
+    np.testing.assert_allclose(ours(x, w), expected, rtol=0,
+                               atol=1e-12 * np.max(np.abs(expected)))
+    grads = [jax.grad(lambda x, w, f=f: jnp.sum(jnp.sin(f(x, w))), argnums=(0, 1))(x, w)
+             for f in (ours, xla)]
+    for a, b in zip(*grads):
+      np.testing.assert_allclose(a, b, rtol=0, atol=1e-12 * float(np.max(np.abs(b))))
+
+
+def test_grouped_convolutions_that_are_not_depthwise_keep_xlas_path():
+  x = jnp.ones((1, 8, 8, 4))
+  numbers = jax.lax.conv_dimension_numbers(x.shape, (3, 3, 2, 4), ("NHWC", "HWIO", "NHWC"))
+  grouped = jax.make_jaxpr(lambda x, w: layers.small_map_conv(
+      x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=numbers, feature_group_count=2))(
+          x, jnp.ones((3, 3, 2, 4)))
+  assert "conv_general_dilated" in str(grouped)
+
+
 def test_head_init_zeros_starts_the_new_head_at_zero():
   key = jax.random.key(3)
   default = models.get_model("resnet18", num_classes=3).init(key, IMAGES)

@@ -69,33 +69,74 @@ def im2col_conv(x, kernel, strides, padding):
   return y.reshape(x.shape[0], out_h, out_w, out_channels)
 
 
+def depthwise_conv(x, kernel, strides, padding):
+  """NHWC depthwise convolution as a sum of shifted, per-channel scaled views.
+
+  Args:
+    x: (N, H, W, C).
+    kernel: (kernel_h, kernel_w, 1, C), HWIO with one input channel per group
+      (`feature_group_count=C`).
+    strides: (stride_h, stride_w).
+    padding: ((top, bottom), (left, right)).
+
+  Returns:
+    (N, out_h, out_w, C): `lax.conv_general_dilated(..., feature_group_count=C)`
+    up to the order of the kernel_h * kernel_w additions. XLA fuses the sum
+    into one pass over the input (and its gradient into a few), where its
+    CPU grouped convolution runs 10-50x slower forward and 5-15x slower
+    backward on EfficientNet's shapes (see benchmarks/depthwise_conv.py).
+  """
+  kernel_h, kernel_w = kernel.shape[0], kernel.shape[1]
+  x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  stride_h, stride_w = strides
+  out_h = (x.shape[1] - kernel_h) // stride_h + 1
+  out_w = (x.shape[2] - kernel_w) // stride_w + 1
+  total = None
+  for i in range(kernel_h):
+    for j in range(kernel_w):
+      term = x[:, i:i + stride_h * (out_h - 1) + 1:stride_h,
+               j:j + stride_w * (out_w - 1) + 1:stride_w, :] * kernel[i, j, 0]
+      total = term if total is None else total + term
+  return total
+
+
 def small_map_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
                    rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                    precision=None, **kwargs):
-  """`lax.conv_general_dilated`, done as im2col + matmul for tiny CPU outputs.
+  """`lax.conv_general_dilated`, with XLA's two slow CPU cases done otherwise.
 
-  Same arguments and results; only the plain case (NHWC/HWIO, no dilation, no
-  groups, explicit or "VALID" padding) with an output of at most
-  `SMALL_MAP_PIXELS` pixels on the CPU takes the im2col path.
+  Same arguments and results (up to the order of additions). On the CPU, in
+  the plain case (NHWC/HWIO, no dilation, explicit or "VALID" padding):
+
+  * an output of at most `SMALL_MAP_PIXELS` pixels, without groups, is
+    computed as im2col + matmul (`im2col_conv`);
+  * a depthwise convolution (one input channel per group, as many outputs
+    as inputs) as a sum of shifted views (`depthwise_conv`).
+
+  Everything else, and every other backend, is `lax.conv_general_dilated`.
   """
   if isinstance(padding, str) and padding == "VALID":
     padding = ((0, 0), (0, 0))
-  plain = (jax.default_backend() == "cpu" and lhs.ndim == 4 and feature_group_count == 1
+  plain = (jax.default_backend() == "cpu" and lhs.ndim == 4
            and kwargs.get("batch_group_count", 1) == 1 and not isinstance(padding, str)
            and _no_dilation(lhs_dilation) and _no_dilation(rhs_dilation)
            and dimension_numbers == _NHWC_HWIO)
-  if plain:
+  if plain and feature_group_count == 1:
     out_h = (lhs.shape[1] + sum(padding[0]) - rhs.shape[0]) // window_strides[0] + 1
     out_w = (lhs.shape[2] + sum(padding[1]) - rhs.shape[1]) // window_strides[1] + 1
     if out_h * out_w <= SMALL_MAP_PIXELS:
       return im2col_conv(lhs, rhs, window_strides, padding)
+  depthwise = (feature_group_count > 1 and rhs.shape[2] == 1
+               and rhs.shape[3] == feature_group_count == lhs.shape[3])
+  if plain and depthwise:
+    return depthwise_conv(lhs, rhs, window_strides, padding)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                   rhs_dilation, dimension_numbers, feature_group_count,
                                   precision=precision, **kwargs)
 
 
 class Conv(nn.Conv):
-  """`nn.Conv` that avoids XLA's slow CPU path for tiny feature maps.
+  """`nn.Conv` that avoids XLA's slow CPU paths (tiny maps, depthwise).
 
   Parameters and results are those of `nn.Conv`; see `small_map_conv`.
   """
