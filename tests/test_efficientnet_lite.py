@@ -23,7 +23,10 @@ both frameworks classify the 153 hymenoptera val photos.
 
 import dataclasses
 import importlib.metadata
+import json
+import logging
 import os
+import pathlib
 import urllib.request
 
 import jax
@@ -39,7 +42,7 @@ from conftest import (INFERENCE_TOLERANCE, by_run_set, relative_error, report_pa
                       shared_data)
 from test_torchvision_parity import (assert_inference_parity_in_float64,
                                      assert_train_mode_parity, randomize_batchnorm, to_nhwc)
-from tlflax import files, freeze, models, tree, weights
+from tlflax import build, defaults, files, freeze, models, tree, weights
 from tlflax.data import images as images_lib
 from tlflax.weights import WeightsError, download, registry
 from tlflax.weights import efficientnet_lite as lite_weights
@@ -418,3 +421,59 @@ def test_real_weights_on_real_photos_match_pytorch(weight_id):
   assert error < INFERENCE_TOLERANCE
   assert same_top1 == len(paths)
   assert accuracy["tlflax"] == accuracy["pytorch"] >= 0.8 * len(paths)
+
+
+# ----------------------------------------------------------------------------
+# Training and features scale pixels as the weights expect, unless told
+# ----------------------------------------------------------------------------
+
+def test_unset_pixel_scaling_comes_from_the_weights(no_network, caplog):
+  config = defaults.base_config()
+  config.model.name = "efficientnet_lite0"
+  config.init.weights = "efficientnet_lite0.tf_in1k"
+  with caplog.at_level(logging.INFO, logger="tlflax.build"):
+    resolved = build.with_data_normalization(config)
+  # Google's (x - 127) / 128, on the [0, 1] scale the pipeline uses.
+  np.testing.assert_allclose(resolved.data.mean, [127 / 255] * 3, rtol=1e-12)
+  np.testing.assert_allclose(resolved.data.std, [128 / 255] * 3, rtol=1e-12)
+  assert "efficientnet_lite0.tf_in1k's published preprocessing" in caplog.text
+  assert config.data.mean == () and config.data.std == ()  # the caller's config is untouched
+
+  # A value the config sets is kept; only the unset one is filled.
+  config.data.mean = (0.5, 0.5, 0.5)
+  resolved = build.with_data_normalization(config)
+  assert tuple(resolved.data.mean) == (0.5, 0.5, 0.5)
+  np.testing.assert_allclose(resolved.data.std, [128 / 255] * 3, rtol=1e-12)
+
+  # No weights, or weights that say nothing: ImageNet's, as before.
+  resolved = build.with_data_normalization(defaults.base_config())
+  assert tuple(resolved.data.mean) == images_lib.IMAGENET_MEAN
+  assert tuple(resolved.data.std) == images_lib.IMAGENET_STD
+
+  # Caffe-style BGR weights: training cannot feed them; say how to go on.
+  config = defaults.base_config()
+  config.model.name = "keras_vgg16"
+  config.init.weights = "keras_vgg16.in1k"
+  with pytest.raises(defaults.ConfigError, match="expects BGR pixels .* set config.data.mean "
+                                                  "and config.data.std"):
+    build.with_data_normalization(config)
+
+
+def test_features_of_the_wheel_id_use_its_scaling(no_network, tmp_path):
+  """`tlflax features` with the id alone records and uses Google's scaling."""
+  from tlflax.cli import features as features_cli  # pylint: disable=import-outside-toplevel
+  for split, folder in (("train", "ants"), ("train", "bees"), ("val", "ants"), ("val", "bees")):
+    (tmp_path / "images" / split / folder).mkdir(parents=True)
+    for k in range(2):
+      pixels = np.random.RandomState(k + len(folder)).randint(0, 256, (40, 50, 3), np.uint8)
+      Image.fromarray(pixels).save(tmp_path / "images" / split / folder / f"{k}.png")
+  out = tmp_path / "features"
+  assert features_cli.main([
+      "--config", str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "folder.py"), f"--output={out}",
+      f"--config.data.path={tmp_path / 'images'}", "--config.data.eval_split=val",
+      "--config.model.name=efficientnet_lite0", "--config.init.weights=efficientnet_lite0.tf_in1k",
+      "--config.init.source=",
+      "--config.data.image_size=32", "--config.data.num_workers=0"]) == 0
+  info = json.loads((out / "info.json").read_text())
+  np.testing.assert_allclose(info["preprocessing"]["mean"], [127 / 255] * 3, rtol=1e-12)
+  np.testing.assert_allclose(info["preprocessing"]["std"], [128 / 255] * 3, rtol=1e-12)

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tlflax import defaults, models, weights
+from tlflax.data import images
 from tlflax.tree import flatten, unflatten
 from tlflax.weights import native, registry
 
@@ -101,6 +102,86 @@ def init_variables(model, seed: int, image_shape: tuple[int, ...]):
   the first run pays for compiling the initialisation.
   """
   return model.init(jax.random.key(seed), jnp.zeros((1, *image_shape)))
+
+
+def _weights_preprocessing(config):
+  """The preprocessing `config.init.weights` was published or trained with, and its name.
+
+  Returns:
+    (Preprocessing, where it comes from), or (None, "") when the weights say
+    nothing about their input (no weights, or a file no registry entry knows).
+  """
+  reference, source = config.init.weights, config.init.source
+  if not reference:
+    return None, ""
+  if source == "workdir":
+    from tlflax.training import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+    if workdir_lib.is_training_workdir(reference):
+      data = workdir_lib.read_config(reference)["data"]
+      size = int(data["image_size"])
+      if data.get("mean") and data.get("std"):
+        return (images.Preprocessing(crop_size=size, resize_size=max(size, int(data["resize_size"])),
+                                     mean=tuple(data["mean"]), std=tuple(data["std"])),
+                f"the run {reference}")
+    return None, ""
+  if os.path.isdir(reference) and native.is_checkpoint(reference):
+    recorded = native.read_provenance(reference).get("preprocessing")
+    if recorded:
+      return images.Preprocessing(**recorded), f"the tlflax checkpoint {reference}"
+    return None, ""
+  if not os.path.exists(reference) and registry.is_known(reference):
+    entry = registry.get(reference)
+    return entry.preprocessing, f"{entry.id}'s published preprocessing"
+  if os.path.isfile(reference):
+    entry = registry.matching_entry(config.model.name, reference)
+    if entry is not None:
+      return entry.preprocessing, f"{entry.id}'s published preprocessing (the file is {entry.id}'s)"
+  return None, ""
+
+
+def with_data_normalization(config):
+  """`config` with `data.mean` and `data.std` filled in where they are unset (`()`).
+
+  Unset, they are the pixel scaling the starting weights expect: a
+  pretrained id's published preprocessing (Google's (x - 127) / 128 for
+  `efficientnet_lite0.tf_in1k`, ImageNet's mean and std for torchvision's),
+  the preprocessing a tlflax checkpoint records, or the run that
+  `init.source="workdir"` continues; else ImageNet's mean and std. Values
+  the config sets are kept as they are. The log says which were used.
+
+  Raises:
+    ConfigError: unset values for weights that expect BGR pixels (Caffe-style
+      Keras weights), which the training pipeline does not produce.
+
+  Returns:
+    A copy of `config` (the argument itself when both are set).
+  """
+  data = config.data
+  if len(data.mean) and len(data.std):
+    return config
+  preprocessing, origin = _weights_preprocessing(config)
+  if preprocessing is None:
+    preprocessing, origin = images.Preprocessing(), "ImageNet's (the weights record none)"
+  if preprocessing.channel_order != "RGB":
+    raise defaults.ConfigError(
+        f"{config.init.weights} expects {preprocessing.channel_order} pixels (from {origin}), "
+        "which training cannot produce; set config.data.mean and config.data.std (on the "
+        "[0, 1] scale, RGB) to train from these weights anyway.")
+  scale = float(preprocessing.value_range)
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    if not len(data.mean):
+      config.data.mean = tuple(m / scale for m in preprocessing.mean)
+    if not len(data.std):
+      config.data.std = tuple(s / scale for s in preprocessing.std)
+  log.info("Pixels scaled as (x / 255 - mean) / std with mean %s, std %s: %s.",
+           _rounded(config.data.mean), _rounded(config.data.std),
+           origin if not (len(data.mean) or len(data.std)) else f"unset ones from {origin}")
+  return config
+
+
+def _rounded(values) -> str:
+  return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
 
 def read_pretrained(config) -> dict[str, Any] | None:

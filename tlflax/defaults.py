@@ -61,8 +61,13 @@ def base_config() -> ml_collections.ConfigDict:
       eval_split="test",
       image_size=32,          # network input size
       resize_size=0,          # eval: shorter side before centre crop (0 = image_size)
-      mean=(0.485, 0.456, 0.406),
-      std=(0.229, 0.224, 0.225),
+      # Pixels become (x / 255 - mean) / std, per RGB channel. Unset (()): the
+      # scaling the starting weights expect (a pretrained id's published
+      # preprocessing, a tlflax checkpoint's record, a continued run's), else
+      # ImageNet's (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225); see
+      # tlflax.build.with_data_normalization.
+      mean=(),
+      std=(),
       augment="crop_flip",    # crop_flip (pad 4 and crop) | random_resized_crop | none
       train_examples_per_class=0,  # few-shot subset of the train split (0 = all)
       # With a few-shot subset: evaluate on the eval split plus the train

@@ -514,7 +514,10 @@ def build(data_config, split: str, training: bool, global_batch_size: int, seed:
   image_size = int(data_config.image_size)
   preprocessing = image_files.Preprocessing(
       crop_size=image_size, resize_size=int(data_config.resize_size) or image_size,
-      mean=tuple(data_config.mean), std=tuple(data_config.std))
+      # Unset (()): ImageNet's, the Preprocessing default (training and
+      # features fill them from the weights first: build.with_data_normalization).
+      **({"mean": tuple(data_config.mean)} if len(data_config.mean) else {}),
+      **({"std": tuple(data_config.std)} if len(data_config.std) else {}))
 
   source = load_source(data_config, split)
   class_names = tuple(source.class_names)

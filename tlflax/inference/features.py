@@ -293,6 +293,7 @@ def extract_to_directory(config, output: str, stage: str = models.PRE_LOGITS,
                      "(the config's data.train_split and data.eval_split).")
   if pool not in POOLS:
     raise ValueError(f"Unknown pool {pool!r}; use one of {POOLS}.")
+  config = build.with_data_normalization(config)  # unset mean / std: the weights' own
   data_config = config.data.to_dict()
   data_config.pop("augment")  # features are never augmented: it changes nothing here
   extraction = {**describe_weights(config), "stage": stage, "pool": pool, "seed": config.seed,

@@ -313,6 +313,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """
   started = time.monotonic()
   workdir = os.path.abspath(workdir)  # orbax wants absolute paths
+  # Unset data.mean / data.std become the weights' own pixel scaling, before
+  # the rerun check and config.json see the config.
+  config = build.with_data_normalization(config)
   sharding.initialize_distributed(config.distributed)
   workdir_lib.usable_workdir(workdir)
   # A workdir with checkpoints is a rerun: a finished run answers with its
