@@ -175,7 +175,10 @@ def test_eval_pads_the_last_batch_and_sees_every_example_once(digits_dir):
   np.testing.assert_array_equal(images, expected["image"])
   # ... and the step normalises them on the device, as the host would in float32.
   on_device = np.asarray(dataset.device_transform()(images))
-  mean, std = np.asarray(config.mean), np.asarray(config.std)
+  # data.mean / data.std unset, and no weights to ask: ImageNet's.
+  assert (dataset.preprocessing.mean, dataset.preprocessing.std) == (
+      images_lib.IMAGENET_MEAN, images_lib.IMAGENET_STD)
+  mean, std = np.asarray(dataset.preprocessing.mean), np.asarray(dataset.preprocessing.std)
   assert on_device.dtype == np.float32
   np.testing.assert_allclose(on_device, (expected["image"] / 255.0 - mean) / std, atol=1e-5)
   # XLA divides by a constant as a multiplication by its reciprocal, so the
