@@ -79,6 +79,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=wrong-import-position
 from tlflax import data, defaults, freeze, models, optim, sharding, steps
+from tlflax.data import images as image_files
 from tlflax.data import pipeline
 
 # Dense (no sparsity) bfloat16 tensor-core TFLOP/s per GPU, by device kind,
@@ -350,7 +351,8 @@ def measure_torch(args, root: str, num_classes: int, workers: int,
                 "`torch.cuda.is_available()`, `jax.devices()`)"]
   device = torch.device("cuda" if on_gpu else "cpu")
   torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
-  mean, std = tuple(defaults.base_config().data.mean), tuple(defaults.base_config().data.std)
+  # What tlflax's side uses with data.mean / data.std unset and no weights: ImageNet's.
+  mean, std = image_files.IMAGENET_MEAN, image_files.IMAGENET_STD
   size = args.image_size
   synthetic = (torch.randint(0, 256, (args.batch_size, 3, size, size), dtype=torch.uint8,
                              device=device),
