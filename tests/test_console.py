@@ -34,7 +34,7 @@ def test_the_console_script_is_installed_and_lists_the_commands():
     assert sum(line.split()[:1] == [command.name] for line in lines) == 1, command.name
     assert any(line.strip() == f"{command.name:<8}  {command.summary}" for line in lines)
   assert [c.name for c in commands.COMMANDS] == ["train", "convert", "classify", "features",
-                                                  "probe"]
+                                                  "probe", "rank"]
 
 
 def test_print_config_through_python_m_tlflax_shows_the_override(tmp_path):
@@ -76,7 +76,7 @@ def test_an_unknown_command_names_the_nearest_and_is_status_two(capsys):
   assert captured.out == ""
   assert captured.err.splitlines() == [
       "tlflax: error: unknown command 'trian'; did you mean 'train'? The commands are train, "
-      "convert, classify, features, probe."]
+      "convert, classify, features, probe, rank."]
   assert commands.main(["linear_probe"]) == app.USAGE  # the module's name finds "probe"
   assert "did you mean 'probe'?" in capsys.readouterr().err
   assert commands.main(["--debug", "train"]) == app.USAGE  # a flag before the command
@@ -88,7 +88,7 @@ def test_an_unknown_command_names_the_nearest_and_is_status_two(capsys):
 def test_every_command_runs_under_the_name_the_user_typed(capsys):
   modules = {"train": "tlflax.cli.train", "convert": "tlflax.cli.convert",
              "classify": "tlflax.cli.classify", "features": "tlflax.cli.features",
-             "probe": "tlflax.cli.linear_probe"}
+             "probe": "tlflax.cli.linear_probe", "rank": "tlflax.cli.rank"}
   for name, module in modules.items():
     assert commands.main([name, "--help"]) == app.OK, name
     out = capsys.readouterr().out

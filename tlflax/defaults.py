@@ -119,6 +119,16 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer = optim.default_config()
   config.label_smoothing = 0.0
 
+  # `tlflax rank`: transferability scores of (source, stage) candidates on the
+  # training split of config.data (see tlflax.inference.ranking).
+  config.rank = ml_collections.ConfigDict(dict(
+      # Comma-separated weights: pretrained ids, or MODEL=PATH for a file or checkpoint.
+      sources="",
+      stages="all",           # comma-separated stages, or "all": every stage and pre_logits
+      scores="all",           # comma-separated (tlflax.transferability.SCORES), or "all"
+      folds=5,                # cross-validation folds of the knn and linear_probe scores
+  ))
+
   config.log_every_steps = 50
   config.eval_every_steps = 0     # 0 = once per epoch
   config.checkpoint_every_steps = 0  # 0 = once per epoch
@@ -215,6 +225,8 @@ VALUE_RANGES = {
     "recipe_head_learning_rate": Range("lp_ft's probe rate (0: optimizer.learning_rate)", 0),
     "recipe_backbone_multiplier": Range("delayed_backbone's backbone rate relative to the "
                                         "head's", 0, minimum_allowed=False),
+    "rank.folds": Range("the cross-validation folds of the knn and linear_probe scores", 2,
+                        whole=True),
     "log_every_steps": Range("the steps between logged training metrics", 1, whole=True),
     "eval_every_steps": Range("the steps between evaluations (0: once per epoch)", 0,
                               whole=True),
@@ -250,7 +262,7 @@ def check_config(config: Mapping[str, Any], where: str = "the config") -> None:
       stages (`config.stages`, `config.recipe`) are checked by
       `tlflax.stages.check_stages`.
 
-  Example:
+  Examples:
     >>> config = base_config(); config.batch_sise = 32
     >>> check_config(config, "my_config.py")
     ConfigError: my_config.py sets config.batch_sise, which is no config key; did you mean
@@ -291,7 +303,7 @@ def model_options(config: Mapping[str, Any], where: str = "the config") -> dict[
     ConfigError: text that does not parse, an option the model does not
       have (naming its options and the nearest), or one set elsewhere.
 
-  Example:
+  Examples:
     >>> config.model.name, config.model.options = "inception_v3", "transform_input=False"
     >>> model_options(config)
     {'transform_input': False}

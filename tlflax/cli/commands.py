@@ -40,6 +40,8 @@ COMMANDS = (
             "one stage's outputs for a dataset, written as .npy"),
     Command("probe", "tlflax.cli.linear_probe",
             "a linear probe on those features, its settings chosen by cross-validation"),
+    Command("rank", "tlflax.cli.rank",
+            "transferability scores: which source and freeze depth, before fine-tuning"),
 )
 _HELP_FLAGS = ("-h", "--help", "-help", "--helpfull")
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Sequence
 
 import jax
@@ -98,7 +99,7 @@ def extract(model, variables, dataset, stage: str, pool: str = "avg",
     `(features, labels)`: float32 (examples, ...) and int32 (examples,), one row per example
     that decoded.
 
-  Example:
+  Examples:
     >>> evaluation = data.build(config.data, split="eval", training=False,
     ...                         global_batch_size=200)
     >>> features, labels = extract(model, variables, evaluation, "stage2")
@@ -114,7 +115,12 @@ def extract_with_skipped(model, variables, dataset, stage: str, pool: str = "avg
   """`extract`, and the examples it left out because their files fail to decode.
 
   Args:
-    model, variables, dataset, stage, pool, progress: as in `extract`.
+    model: as in `extract`.
+    variables: as in `extract`.
+    dataset: as in `extract`.
+    stage: as in `extract`.
+    pool: as in `extract`.
+    progress: as in `extract`.
 
   Returns:
     `(features, labels, skipped)`: the arrays of the examples that decoded, in
@@ -198,7 +204,7 @@ def load(directory: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarr
   Returns:
     `(features, labels)`: float32 and int32 arrays, one row per example.
 
-  Example:
+  Examples:
     >>> train_x, train_y = load("features/digits", "train")
   """
   directory = os.fspath(directory)
@@ -267,12 +273,15 @@ def _own_files(directory: str) -> list[str]:
 
 def extract_to_directory(config, output: str, stage: str = models.PRE_LOGITS,
                          splits: Sequence[str] = SPLITS, pool: str = "avg",
-                         overwrite: bool = False, progress: bool = True) -> dict:
+                         overwrite: bool = False, progress: bool = True,
+                         reuse: bool = False) -> dict:
   """What the command line does: extract `splits` and write them under `output`.
 
   A directory holding features of the same extraction keeps them (other
   splits are added); one holding anything else this module writes is refused
   unless `overwrite`, which removes those files once the model has loaded.
+  With `reuse`, a split already written by the same extraction is kept as it
+  is (nothing is loaded or run when every split is there).
 
   Args:
     config: a tlflax config (model, init weights, data, eval_batch_size, seed).
@@ -282,6 +291,7 @@ def extract_to_directory(config, output: str, stage: str = models.PRE_LOGITS,
     pool: "avg" or "none" (see `extract`).
     overwrite: replace features of another extraction in `output`.
     progress: show progress bars.
+    reuse: keep the splits the same extraction already wrote.
 
   Returns:
     The info dict written to `output/info.json`.
@@ -300,6 +310,12 @@ def extract_to_directory(config, output: str, stage: str = models.PRE_LOGITS,
                 "data": data_config}
   # Refused before anything is loaded; nothing is removed unless loading worked.
   info = existing_info(output, extraction, overwrite)
+  if reuse and info is not None:
+    splits = [s for s in splits if not all(
+        os.path.exists(os.path.join(output, f"{s}_{kind}.npy")) for kind in ("features", "labels"))
+              or s not in info["splits"]]
+    if not splits:
+      return info
   backbone = build.build_extractor(config, stage)
   if info is None:
     for name in _own_files(output):
@@ -307,6 +323,7 @@ def extract_to_directory(config, output: str, stage: str = models.PRE_LOGITS,
     info = {"format_version": FORMAT_VERSION, "extraction": tree.to_json(extraction), "splits": {}}
   os.makedirs(output, exist_ok=True)
   for split in splits:
+    started = time.perf_counter()
     dataset = data.build(config.data, split=split, training=False,
                          global_batch_size=config.eval_batch_size, seed=config.seed)
     features, labels, skipped = extract_with_skipped(backbone.model, backbone.variables,
@@ -320,7 +337,9 @@ def extract_to_directory(config, output: str, stage: str = models.PRE_LOGITS,
     info["splits"][split] = {"num_examples": int(len(labels)),
                              "features_shape": list(features.shape),
                              "labels_shape": list(labels.shape),
-                             "skipped_files": skipped}
+                             "skipped_files": skipped,
+                             # Reading, decoding and the network, model loading excluded.
+                             "seconds": round(time.perf_counter() - started, 3)}
     # Written after every split, so a directory never lists a split it lacks.
     files.write_json(os.path.join(output, INFO_FILE), info)
   return info
