@@ -68,7 +68,7 @@ def make_model(config, **options):
   `config.model.options` ("transform_input=False, ...") sets the model's
   other fields (see `tlflax.defaults.model_options`).
 
-  Example:
+  Examples:
     >>> make_model(config, num_classes=5).stage_names
     ('stem', 'stage1', 'stage2', 'stage3')
   """
@@ -274,7 +274,7 @@ def source_class_names(config) -> list[str] | None:
   Returns:
     The class names, or None when the weights do not say.
 
-  Example:
+  Examples:
     >>> config.init.weights, config.init.source = "workdirs/digits", "workdir"
     >>> source_class_names(config)
     ['0', '1', '2', '3', '4']
@@ -401,7 +401,7 @@ def build(config, num_classes: int | None, image_size: int | None = None,
   Returns:
     A `Built`; `start` is "scratch" when no weights were read.
 
-  Example:
+  Examples:
     >>> built = build(config, num_classes=5)
     >>> built.start, sorted(built.variables)
     ('pretrained', ['batch_stats', 'params'])

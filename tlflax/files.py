@@ -26,7 +26,7 @@ FILE_MODE, DIRECTORY_MODE = 0o666, 0o777
 def cache_dir(*parts: str) -> str:
   """`$TLFLAX_CACHE_DIR/<parts>`, else `~/.cache/tlflax/<parts>`.
 
-  Example:
+  Examples:
     >>> cache_dir("prefix")
     '/home/me/.cache/tlflax/prefix'
   """

@@ -119,7 +119,7 @@ class NNXBackbone(nnx.Module):
   def variables(self) -> dict[str, Any]:
     """The current `{"params": ..., "batch_stats": ...}`, as the linen model takes them.
 
-    Example:
+    Examples:
       >>> logits = backbone.model.apply(backbone.variables(), images)
     """
     flat = {}
@@ -161,7 +161,7 @@ def to_nnx(model: Backbone, variables: Mapping[str, Any], rngs: nnx.Rngs | int |
     ValueError: bad freeze rules (unmatched parameters, rules that decide
       nothing, learning-rate multipliers).
 
-  Example:
+  Examples:
     >>> model = tlflax.get_model("resnet18", num_classes=10)
     >>> pretrained = tlflax.weights.load("resnet18", "resnet18-f37072fd.pth", "torchvision")
     >>> variables, report = tlflax.merge_pretrained(
@@ -258,7 +258,7 @@ def trainable_filter(module: nnx.Module):
   Raises:
     ValueError: `module` contains no `NNXBackbone`.
 
-  Example:
+  Examples:
     >>> optimizer = nnx.Optimizer(net, optax.adamw(1e-3), wrt=trainable_filter(net))
     >>> nnx.state(net, trainable_filter(net))  # what is trained
   """
@@ -291,7 +291,7 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, images, labels) -> d
   Returns:
     `{"loss", "accuracy", "grad_norm"}` (the norm over trainable gradients).
 
-  Example:
+  Examples:
     >>> optimizer = nnx.Optimizer(net, optax.sgd(0.01, momentum=0.9),
     ...                           wrt=trainable_filter(net))
     >>> for images, labels in batches:

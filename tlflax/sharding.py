@@ -99,7 +99,7 @@ def prefetch_to_mesh(local_batches: Iterable[dict[str, np.ndarray]], mesh: Mesh,
   Yields:
     The batches as global arrays, in order.
 
-  Example:
+  Examples:
     >>> for batch in prefetch_to_mesh(dataset.batches(epoch), mesh):
     ...   state, metrics = train_step(state, batch)
   """

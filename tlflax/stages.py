@@ -226,7 +226,7 @@ def recipe_stages(config, total_steps: int, stage_names: Sequence[str] = ()
   Returns:
     A `config.stages` list (lengths in steps) of `total_steps` steps in all.
 
-  Example:
+  Examples:
     >>> config.recipe = "lp_ft"; config.recipe_head_fraction = 0.5
     >>> recipe_stages(config, total_steps=6)
     [{'name': 'linear_probe', 'steps': 3, ...}, {'name': 'fine_tune', 'steps': 3, ...}]
@@ -379,15 +379,17 @@ def lp_ft(probe_length: float, fine_tune_length: float, probe_learning_rate: flo
   from a head that fits them instead of a random one.
 
   Args:
-    probe_length, fine_tune_length: stage lengths in `unit`.
-    probe_learning_rate, fine_tune_learning_rate: peak rates.
+    probe_length: the first stage's length in `unit`.
+    fine_tune_length: the second stage's length in `unit`.
+    probe_learning_rate: the first stage's peak rate.
+    fine_tune_learning_rate: the second stage's peak rate.
     unit: "epochs" or "steps".
     **fine_tune_options: more keys of the second stage (e.g. warmup_steps).
 
   Returns:
     A `config.stages` list.
 
-  Example:
+  Examples:
     >>> config.stages = stages.lp_ft(2, 8, 0.1, 0.01)
   """
   return [

@@ -76,7 +76,7 @@ def differences(have: Mapping[str, Any], want: Mapping[str, Any]
     `(only in have, only in want, in both but different)`, each sorted with
     parameters first.
 
-  Example:
+  Examples:
     >>> differences({"params/a": (3,), "params/b": (1,)}, {"params/a": (4,)})
     (['params/b'], [], ['params/a'])
   """

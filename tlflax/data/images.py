@@ -58,7 +58,7 @@ class Preprocessing:
     mean, std: per channel, in `channel_order` and on the `value_range` scale;
       the result is `(pixels - mean) / std`.
 
-  Example:
+  Examples:
     >>> Preprocessing(crop_size=288, resize_size=288, interpolation="bicubic")
   """
   crop_size: int = 224
@@ -91,7 +91,7 @@ class Preprocessing:
   def with_crop_size(self, crop_size: int) -> "Preprocessing":
     """The same recipe at another size, keeping the resize/crop ratio.
 
-    Example:
+    Examples:
       >>> TORCH.with_crop_size(112).resize_size
       128
     """
@@ -122,7 +122,7 @@ def read_rgb(path: str | os.PathLike, background: tuple[int, int, int] = (255, 2
   Returns:
     uint8 array (H, W, 3).
 
-  Example:
+  Examples:
     >>> read_rgb("scan.png").shape
     (480, 640, 3)
   """
@@ -225,7 +225,7 @@ def resize_and_center_crop(pixels: np.ndarray | Image.Image, resize_size: int, c
   Returns:
     uint8 (crop_size, crop_size, 3).
 
-  Example:
+  Examples:
     >>> resize_and_center_crop(np.zeros((300, 400, 3), np.uint8), 256, 224).shape
     (224, 224, 3)
   """
@@ -268,7 +268,7 @@ def normalize(pixels: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
   Returns:
     float32 array of the same shape.
 
-  Example:
+  Examples:
     >>> normalize(np.full((1, 1, 3), 255, np.uint8), TORCH)  # (1 - mean) / std
   """
   x = pixels.astype(np.float32)
@@ -295,7 +295,7 @@ def normalize_on_device(pixels, preprocessing: Preprocessing):
   Returns:
     float32 array of the same shape.
 
-  Example:
+  Examples:
     >>> step_images = normalize_on_device(batch["image"], dataset.preprocessing)
   """
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -316,7 +316,7 @@ def caffe_normalize(pixels: np.ndarray) -> np.ndarray:
   Same as `normalize(pixels, CAFFE)`; kept as its own name because Keras
   users look for it.
 
-  Example:
+  Examples:
     >>> caffe_normalize(np.zeros((1, 1, 3), np.uint8))[0, 0]
     array([-103.939, -116.779, -123.68 ], dtype=float32)
   """
@@ -334,7 +334,7 @@ def preprocess(paths: str | os.PathLike | Iterable[str | os.PathLike],
   Returns:
     float32 array (N, crop_size, crop_size, 3).
 
-  Example:
+  Examples:
     >>> preprocess(["a.jpg", "b.png"], CAFFE).shape
     (2, 224, 224, 3)
   """

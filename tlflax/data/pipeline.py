@@ -179,7 +179,8 @@ class Dataset:
     this process, one batch ahead.
 
     Args:
-      start, stop: global step numbers, 0 <= start <= stop.
+      start: the global step number of the first batch, 0 <= start <= stop.
+      stop: the global step number after the last batch.
 
     Yields:
       The batches, as `batches` describes them.
@@ -493,7 +494,8 @@ def build(data_config, split: str, training: bool, global_batch_size: int, seed:
       order, apply the eval transform and pad the last batch (False).
     global_batch_size: examples per step over all processes.
     seed: decides the order, the augmentation and the few-shot subset.
-    process_index, process_count: this process and how many share the batches.
+    process_index: this process, 0 <= process_index < process_count.
+    process_count: how many processes share the batches.
     num_threads: threads that decode and transform images in this process;
       0 = one per CPU core where images need decoding or resizing, else 1.
     num_workers: worker processes that prepare batches (Grain), for streams

@@ -172,7 +172,8 @@ class WorkerBlocks:
     """An array of `shape` in a free block (its contents are a former batch's).
 
     Args:
-      shape, dtype: of the array.
+      shape: of the array.
+      dtype: of the array.
 
     Returns:
       An uninitialised array that `share` can send.

@@ -294,7 +294,7 @@ def tfds_source(name: str, data_dir: str, split: str,
       files do not hold the records its metadata counts; the message says
       what to run.
 
-  Example:
+  Examples:
     >>> source = tfds_source("imagenet2012", "/data/tfds", "train")
     >>> raw_images, labels = source.read([5, 17])
   """

@@ -31,6 +31,7 @@ def import_tfds() -> Any:
   directly: it must run before TensorFlow runs any op. Calling it again is
   cheap and harmless.
 
+  Examples:
     >>> tfds = import_tfds()
     >>> builder = tfds.builder("cifar10", data_dir="/data/tfds")
 

@@ -53,7 +53,7 @@ def record_positions(path: str, cache: bool = True) -> np.ndarray:
     ValueError: the file does not end where its last record ends (truncated,
       compressed, or not a TFRecord file).
 
-  Example:
+  Examples:
     >>> positions = record_positions("/data/cifar10/3.0.2/cifar10-train.tfrecord-00000-of-00001")
     >>> offset, length = positions[7]
   """

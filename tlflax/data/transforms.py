@@ -64,7 +64,7 @@ def stateless_uniform(key: Sequence[int], example_ids: np.ndarray, num_draws: in
   Returns:
     float64 (N, num_draws).
 
-  Example:
+  Examples:
     >>> stateless_uniform((0, 3), np.array([7, 8]), 2).shape
     (2, 2)
   """
@@ -192,7 +192,8 @@ def random_resized_box(height: int, width: int, uniforms: np.ndarray) -> tuple[i
   """torchvision's RandomResizedCrop box (top, left, box_height, box_width).
 
   Args:
-    height, width: image size.
+    height: image height.
+    width: image width.
     uniforms: at least 4 * RRC_ATTEMPTS numbers in [0, 1).
 
   Returns:

@@ -76,7 +76,7 @@ def classify(model_name: str, variables: Any, image_paths: Sequence[str | os.Pat
   Returns:
     One list of `Guess`es per image, most probable first.
 
-  Example:
+  Examples:
     >>> variables = tlflax.weights.load("resnet50", "resnet50.tv2_in1k")
     >>> guesses = classify("resnet50", variables, ["cat.jpg"],
     ...                    registry.get("resnet50.tv2_in1k").preprocessing,
@@ -129,7 +129,7 @@ def load_classifier(weights_arg: str, model_name: str | None = None,
   Returns:
     A `Classifier`; `class_names` is None when no list is known.
 
-  Example:
+  Examples:
     >>> classifier = load_classifier("ckpt/resnet50")
     >>> classifier.preprocessing.crop_size
     224

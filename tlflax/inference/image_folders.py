@@ -73,7 +73,7 @@ def find_images(arguments: Sequence[str], exclude: Sequence[str] = ()) -> FoundI
     FileNotFoundError: a path that does not exist, or a pattern that matches nothing.
     ValueError: a folder that holds no image files.
 
-  Example:
+  Examples:
     >>> find_images(["val"]).class_folders[:2]   # val/cat/1.jpg, val/cat/2.jpg
     ['cat', 'cat']
   """
@@ -298,7 +298,7 @@ def score(labels: Sequence[int | None], predictions: Sequence[int],
   Returns:
     A `Score`, or None when no image has a label.
 
-  Example:
+  Examples:
     >>> score([0, 0, 1, None], [0, 1, 1, 2], ["cat", "dog", "fox"]).accuracy
     0.6666666666666666
   """

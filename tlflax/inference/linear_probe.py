@@ -98,7 +98,7 @@ def accuracy(probe: LinearProbe, features: np.ndarray, labels: np.ndarray) -> fl
   Returns:
     A float in [0, 1].
 
-  Example:
+  Examples:
     >>> accuracy(result.probe, eval_x, eval_y)
     0.9722
   """
@@ -172,7 +172,7 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
   Returns:
     int64 (N,), values 0..folds-1.
 
-  Example:
+  Examples:
     >>> stratified_folds(np.array([0, 0, 1, 1, 1]), 2, seed=0)
     array([0, 1, 1, 0, 0])
   """
@@ -241,7 +241,8 @@ def train_head(train_x, train_y, weights, order, learning_rate, weight_decay, nu
     weights: float32 (N,): 1 on the rows to train on, 0 on rows held out
       (used by full-batch steps; `order` names only rows to train on).
     order: None for full-batch steps, else int32 (steps, B) rows per step.
-    learning_rate, weight_decay: this head's settings (scalars, may be traced).
+    learning_rate: this head's learning rate (a scalar, may be traced).
+    weight_decay: this head's weight decay (a scalar, may be traced).
     num_classes: outputs of the head.
     steps: optimizer steps.
 
@@ -354,7 +355,8 @@ def choose(scores: np.ndarray, learning_rates: Sequence[float],
 
   Args:
     scores: (len(learning_rates), len(weight_decays)).
-    learning_rates, weight_decays: the grid axes (any order).
+    learning_rates: the grid's first axis (any order).
+    weight_decays: the grid's second axis (any order).
 
   Returns:
     (i, j), by value whatever order the axes are given in.
@@ -420,7 +422,7 @@ def cross_validate(train_x, train_y, num_classes: int, learning_rates: Sequence[
   Returns:
     A `CrossValidation`.
 
-  Example:
+  Examples:
     >>> cv = cross_validate(train_x, train_y, 10, [1e-2, 1e-1], [0.0, 1e-3])
     >>> cv.accuracy.mean(-1)     # mean held-out accuracy per grid point
   """
@@ -464,14 +466,19 @@ def fit(train_x, train_y, num_classes: int, learning_rate: float, weight_decay: 
   """One head trained on all of `train_x`: the refit of a chosen point.
 
   Args:
-    train_x, train_y, num_classes, steps, batch_size, seed: as for
-      `cross_validate`.
-    learning_rate, weight_decay: the point to train.
+    train_x: as for `cross_validate`.
+    train_y: as for `cross_validate`.
+    num_classes: as for `cross_validate`.
+    learning_rate: the point to train: its learning rate.
+    weight_decay: the point to train: its weight decay.
+    steps: as for `cross_validate`.
+    batch_size: as for `cross_validate`.
+    seed: as for `cross_validate`.
 
   Returns:
     A `LinearProbe` standardised with the statistics of all of `train_x`.
 
-  Example:
+  Examples:
     >>> probe = fit(train_x, train_y, 10, learning_rate=0.01, weight_decay=1e-4)
     >>> accuracy(probe, eval_x, eval_y)
   """
@@ -589,7 +596,8 @@ def select_and_evaluate(train_x, train_y, eval_x, eval_y, num_classes: int,
     train_x: features (N, ...); flattened per example.
     train_y: int labels (N,), 0..num_classes-1; every class present needs at
       least 2 examples.
-    eval_x, eval_y: the split to report, or None for no test.
+    eval_x: the features of the split to report, or None for no test.
+    eval_y: its labels, or None for no test.
     num_classes: outputs of each head (at least 2).
     learning_rates: Adam learning rates (> 0), the rows of the grid.
     weight_decays: L2 strengths (>= 0), the columns of the grid.
@@ -602,7 +610,7 @@ def select_and_evaluate(train_x, train_y, eval_x, eval_y, num_classes: int,
   Returns:
     A `ProbeResult`.
 
-  Example:
+  Examples:
     >>> result = select_and_evaluate(train_x, train_y, eval_x, eval_y, 10,
     ...                              [1e-3, 1e-2, 1e-1], [0.0, 1e-4, 1e-3])
     >>> result.cv_accuracy[result.chosen_index], result.eval_accuracy
@@ -637,7 +645,7 @@ def format_cv_grid(result: ProbeResult) -> str:
 
   Rows are learning rates, columns weight decays.
 
-  Example:
+  Examples:
     >>> print(format_cv_grid(result))
     | learning rate \\ weight decay | 0 | 0.0001 |
     |---|---|---|

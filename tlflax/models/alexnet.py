@@ -53,7 +53,7 @@ class AlexNet(nn.Module):
     dtype, frozen_batchnorm, head_init: as declared by `base.Backbone`
       (AlexNet has no BatchNorm, so `frozen_batchnorm` changes nothing).
 
-  Example:
+  Examples:
     >>> model = alexnet(num_classes=10)
     >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     >>> logits = model.apply(variables, images, train=False)

@@ -78,7 +78,7 @@ class Backbone(Protocol):
   without a head), sowing every stage it runs and `PRE_LOGITS` into
   `intermediates/features` (see `extract_features`).
 
-  Example:
+  Examples:
     >>> model = tlflax.models.get_model("resnet18", num_classes=10)
     >>> isinstance(model, Backbone)
     True
@@ -107,7 +107,7 @@ class Backbone(Protocol):
 def numbered_stages(count: int) -> tuple[str, ...]:
   """`("stage1", ..., "stage<count>")`, the body stages every family numbers from 1.
 
-  Example:
+  Examples:
     >>> ("stem",) + numbered_stages(4)
     ('stem', 'stage1', 'stage2', 'stage3', 'stage4')
   """
@@ -124,7 +124,7 @@ def check_stages(module: Backbone) -> None:
     ValueError: a field names no stage (the message lists them), or
       `input_stage` does not come before `last_stage`.
 
-  Example:
+  Examples:
     >>> check_stages(resnet18(last_stage="stage9"))
     ValueError: last_stage='stage9' is not a stage of this model; choose one of [...]
   """
@@ -191,7 +191,7 @@ def head_initializers(head_init: str) -> dict[str, Any]:
   Raises:
     ValueError: an unknown name; the message lists the choices.
 
-  Example:
+  Examples:
     >>> head_initializers("zeros")["kernel_init"] is nn.initializers.zeros
     True
   """
@@ -215,7 +215,7 @@ def feature_names(model: Backbone) -> list[str]:
   Raises:
     ValueError: `model.last_stage` or `model.input_stage` is no stage.
 
-  Example:
+  Examples:
     >>> feature_names(get_model("cifar_resnet20"))
     ['stem', 'stage1', 'stage2', 'stage3', 'pre_logits', 'logits']
   """
@@ -240,7 +240,7 @@ def check_stage(model: Backbone, stage: str, model_name: str = "this model") -> 
   Raises:
     ValueError: `stage` is not in `feature_names(model)`; the message lists them.
 
-  Example:
+  Examples:
     >>> check_stage(get_model("cifar_resnet20"), "stage7", "'cifar_resnet20'")
     ValueError: Unknown stage 'stage7' for 'cifar_resnet20'; choose one of stem, ...
   """
@@ -265,7 +265,7 @@ def model_for_stage(model: Backbone, stage: str) -> Backbone:
   Returns:
     A backbone whose variables are a subset of `model`'s, under the same names.
 
-  Example:
+  Examples:
     >>> truncated = model_for_stage(get_model("resnet18"), "stage2")
     >>> truncated.last_stage, truncated.num_classes
     ('stage2', None)
@@ -294,7 +294,7 @@ def extract_features(model: Backbone, variables, images,
   Raises:
     ValueError: a requested name is not produced; the message lists those that are.
 
-  Example:
+  Examples:
     >>> features = extract_features(model, variables, images, ["stage2", "pre_logits"])
   """
   logits, state = model.apply(variables, images, train=False, mutable=["intermediates"])

@@ -133,7 +133,7 @@ class ConvNeXt(nn.Module):
     dtype, frozen_batchnorm, head_init: as declared by `base.Backbone`
       (ConvNeXt has no BatchNorm, so `frozen_batchnorm` changes nothing).
 
-  Example:
+  Examples:
     >>> model = convnext_tiny(num_classes=10)
     >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     >>> logits = model.apply(variables, images, train=False)

@@ -82,7 +82,7 @@ class StageSpec(NamedTuple):
 def round_channels(channels: float, divisor: int = 8) -> int:
   """Nearest multiple of `divisor`, never 10% below `channels` (both publishers' rule).
 
-  Example:
+  Examples:
     >>> round_channels(32 * 1.1)
     32
   """
@@ -226,7 +226,7 @@ class EfficientNet(nn.Module):
     squeeze_excite: whether the MBConv blocks have squeeze-excitation (not
       in Lite).
 
-  Example:
+  Examples:
     >>> model = efficientnet_b0(num_classes=10)
     >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     >>> logits = model.apply(variables, images, train=False)

@@ -45,7 +45,7 @@ class EfficientNetLite(EfficientNet):
   its weight converters (`tlflax.weights.efficientnet_lite`). Every option of
   `EfficientNet` applies.
 
-  Example:
+  Examples:
     >>> model = get_model("efficientnet_lite0", num_classes=2)
     >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
   """
@@ -62,7 +62,7 @@ def lite_stages(width: float, depth: float):
   The first stage takes the fixed 32-channel stem; it and the last stage keep
   B0's single block (Google's `fix_head_stem`).
 
-  Example:
+  Examples:
     >>> [s.num_blocks for s in lite_stages(1.4, 1.8)]
     [1, 4, 4, 6, 6, 8, 1]
   """

@@ -156,7 +156,7 @@ def conv_paths() -> tuple[str, ...]:
   Keras numbers its unnamed layers (conv2d, conv2d_1, ...) in this order, so
   the i-th Keras convolution and BatchNorm belong to the i-th path here.
 
-  Example:
+  Examples:
     >>> conv_paths()[:2]
     ('stem/conv2d_1a_3x3', 'stem/conv2d_2a_3x3')
   """
@@ -284,7 +284,7 @@ class InceptionV3(nn.Module):
       by `base.Backbone`.
     bn_momentum: flax momentum of the running statistics.
 
-  Example:
+  Examples:
     >>> model = inception_v3(num_classes=10)
     >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 299, 299, 3)))
     >>> logits = model.apply(variables, images, train=False)

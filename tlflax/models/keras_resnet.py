@@ -167,7 +167,7 @@ class KerasResNet(nn.Module):
     head_init: "lecun" or "zeros" for a new head (see `base.Backbone`).
     bn_epsilon, bn_momentum: Keras' BatchNorm settings.
 
-  Example:
+  Examples:
     >>> model = keras_resnet50(num_classes=10)
     >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     >>> logits = model.apply(variables, images, train=False)

@@ -62,7 +62,7 @@ for _family in FAMILIES:
 def family_of(model: nn.Module) -> str | None:
   """The entry of `FAMILIES` whose module built `model`, or None (the first families).
 
-  Example:
+  Examples:
     >>> family_of(get_model("alexnet"))
     'alexnet'
   """
@@ -83,7 +83,7 @@ def register(name: str, constructor: Callable[..., nn.Module]) -> None:
       `base.Backbone` (named stages, `last_stage`, `input_stage`,
       `num_classes`, `frozen_batchnorm`, `dtype`).
 
-  Example:
+  Examples:
     >>> register("resnet26", functools.partial(resnet.ResNet, stage_sizes=(2, 3, 4, 3),
     ...                                        block=resnet.Bottleneck))
   """
@@ -93,7 +93,7 @@ def register(name: str, constructor: Callable[..., nn.Module]) -> None:
 def model_names() -> list[str]:
   """The registered model names, sorted.
 
-  Example:
+  Examples:
     >>> "resnet50" in model_names()
     True
   """
@@ -124,7 +124,7 @@ def get_model(name: str, num_classes: Any = _DEFAULT, dtype: Any = "float32",
     A `Backbone` (a linen module); `model.apply(variables, images, train=False)` takes NHWC
     float32 images and returns logits (or features without a head).
 
-  Example:
+  Examples:
     >>> model = get_model("resnet18", num_classes=2)
   """
   if name not in _MODELS:
@@ -170,7 +170,7 @@ def _option_fields(name: str) -> dict[str, Any]:
 def option_names(name: str) -> list[str]:
   """The options `get_model(name, ...)` takes: the fields of its module, sorted.
 
-  Example:
+  Examples:
     >>> "transform_input" in option_names("inception_v3")
     True
   """
@@ -191,7 +191,7 @@ def check_options(name: str, options: Mapping[str, Any], where: str = "") -> Non
     ModelOptionError: one line naming the option, the nearest known one and
       all of the model's options; or the option, its value and the type wanted.
 
-  Example:
+  Examples:
     >>> check_options("inception_v3", {"transform_inputs": False})
     ModelOptionError: inception_v3 has no option 'transform_inputs'; did you mean
     transform_input? Its options: ...
@@ -227,7 +227,7 @@ def parse_model_options(text: str, where: str = "") -> dict[str, Any]:
     ModelOptionError: text that is not `KEY=VALUE, ...` (saying so, with
       `where` in front).
 
-  Example:
+  Examples:
     >>> parse_model_options("transform_input=False")
     {'transform_input': False}
   """
@@ -258,7 +258,7 @@ def parse_model_options(text: str, where: str = "") -> dict[str, Any]:
 def merge_model_options(texts, where: str = "") -> dict[str, Any]:
   """Several `parse_model_options` texts as one dict; a later text's value wins.
 
-  Example:
+  Examples:
     >>> merge_model_options(["transform_input=True", "transform_input=False, dropout_rate=0"])
     {'transform_input': False, 'dropout_rate': 0}
   """

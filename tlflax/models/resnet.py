@@ -124,7 +124,7 @@ class ResNet(nn.Module):
     bn_epsilon, bn_momentum: BatchNorm settings (PyTorch momentum 0.1 is
       flax momentum 0.9).
 
-  Example:
+  Examples:
     >>> model = resnet50(num_classes=10)
     >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     >>> logits = model.apply(variables, images, train=False)

@@ -46,7 +46,7 @@ class VGG(nn.Module):
     dtype, frozen_batchnorm, head_init: as declared by `base.Backbone`.
     bn_epsilon, bn_momentum: BatchNorm settings of the `_bn` variants.
 
-  Example:
+  Examples:
     >>> model = vgg(11)(num_classes=10)
     >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     >>> logits = model.apply(variables, images, train=False)
@@ -138,7 +138,7 @@ def vgg(depth: int, batch_norm: bool = False, **kwargs):
   Returns:
     A `functools.partial` of `VGG` taking the remaining fields.
 
-  Example:
+  Examples:
     >>> model = vgg(16, batch_norm=True)(num_classes=10)
   """
   return functools.partial(VGG, stages=VGG_STAGES[depth], batch_norm=batch_norm, **kwargs)

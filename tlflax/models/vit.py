@@ -87,7 +87,7 @@ def resample_position_embedding(embedding, grid: tuple[int, int],
   Raises:
     ValueError: an unknown interpolation, or embeddings of no square grid.
 
-  Example:
+  Examples:
     >>> resample_position_embedding(np.zeros((1, 197, 768)), (24, 24)).shape
     (1, 577, 768)
   """
@@ -258,7 +258,7 @@ class VisionTransformer(nn.Module):
     interpolation: how position embeddings are resampled for other input
       sizes: "bicubic" (timm's default) or "bilinear" (big_vision's).
 
-  Example:
+  Examples:
     >>> model = vit_b_16(num_classes=10, image_size=32)
     >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   """

@@ -174,7 +174,7 @@ class Xception(nn.Module):
       by `base.Backbone`.
     bn_epsilon, bn_momentum: BatchNorm settings (flax momentum convention).
 
-  Example:
+  Examples:
     >>> model = keras_xception(num_classes=10)
     >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 299, 299, 3)))
     >>> logits = model.apply(variables, images, train=False)

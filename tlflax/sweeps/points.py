@@ -185,7 +185,7 @@ def seeded(name: str, overrides: dict[str, Any], seeds: Sequence[int]) -> list[d
   Returns:
     Points for `sweep()` to return.
 
-  Example:
+  Examples:
     >>> seeded("fine_tune", {"init.weights": "@pretrain"}, range(2))
     [{'init.weights': '@pretrain', 'seed': 0, 'name': 'fine_tune__seed-0', 'group': 'fine_tune'},
      {'init.weights': '@pretrain', 'seed': 1, 'name': 'fine_tune__seed-1', 'group': 'fine_tune'}]

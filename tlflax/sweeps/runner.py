@@ -212,7 +212,9 @@ def run_sweep(config: ml_collections.ConfigDict, points: Sequence[Point], workdi
     points: from `make_points`.
     workdir: the sweep's directory.
     x_key: the key `plot` puts on the x-axis.
-    overwrite, columns, title: see `prepare`.
+    overwrite: see `prepare`.
+    columns: see `prepare`.
+    title: see `prepare`.
 
   Returns:
     The rows of `collect`; None when a point was preempted (run again).

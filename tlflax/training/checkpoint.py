@@ -427,7 +427,8 @@ def describe_mismatch(saved: Mapping[str, tuple], wanted: Mapping[str, tuple],
   """Lists the variables only one side has and those whose shape or dtype differ.
 
   Args:
-    saved, wanted: path -> (shape, dtype), for the checkpoint and the template.
+    saved: path -> (shape, dtype), for the checkpoint.
+    wanted: path -> (shape, dtype), for the template.
     limit: how many paths to name per kind of difference.
 
   Returns:

@@ -78,7 +78,7 @@ def format_line(step: int, total_steps: int, split: str, metrics: Mapping[str, A
                 stage: str | None = None) -> str:
   """One log line of a run, the same for training and evaluation.
 
-  Example:
+  Examples:
     >>> format_line(40, 40, "eval", {"loss": 0.41234, "accuracy": 0.865}, stage="probe")
     'step 40/40 (stage probe) eval: loss 0.4123, accuracy 0.8650'
 

@@ -50,7 +50,7 @@ def convert(model_name: str, path: str, source: str) -> dict[str, np.ndarray]:
   Raises:
     WeightsError: another source, or tensors that are not AlexNet's.
 
-  Example:
+  Examples:
     >>> flat = convert("alexnet", "alexnet-owt-7be5be79.pth", "torchvision")
   """
   if source not in SOURCES:

@@ -57,7 +57,7 @@ def resolve_input(input_name: str, source: str | None) -> tuple[str, str, regist
     WeightsError: a missing file that is no known id either, or a source
       that contradicts the id's.
 
-  Example:
+  Examples:
     >>> resolve_input("resnet18.tv_in1k", None)[1]
     'torchvision'
   """
@@ -87,7 +87,7 @@ def assumed_options(model_name: str, model_options: Mapping[str, Any] | None = N
     option -> (the value assumed, the sentence saying why and what to pass
     instead), for the log.
 
-  Example:
+  Examples:
     >>> assumed_options("inception_v3")["transform_input"][0]
     True
   """
@@ -116,7 +116,7 @@ def make_provenance(model_name: str, source: str, path: str, variables: Any,
   "model_options" are the options the network is built with wherever the
   checkpoint is used (those given, and those `assumed_options` assumed).
 
-  Example:
+  Examples:
     >>> make_provenance("resnet18", "torchvision", "r18.pth", variables, None)["num_classes"]
     1000
   """
@@ -161,7 +161,7 @@ def convert(model_name: str, input_name: str, output: str, source: str | None = 
   Returns:
     A `Conversion` (printing it gives the summary line).
 
-  Example:
+  Examples:
     >>> print(convert("resnet18", "resnet18-f37072fd.pth", "ckpt/r18", "torchvision"))
     Wrote resnet18 (torchvision resnet18-f37072fd.pth) to /.../ckpt/r18: 11,689,512 parameters, 1000 classes.
   """

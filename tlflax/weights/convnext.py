@@ -94,7 +94,7 @@ def convert(model_name: str, path: str, source: str) -> dict[str, np.ndarray]:
     WeightsError: another source, or tensors with no place in a ConvNeXt
       (e.g. a torchvision file read as timm's).
 
-  Example:
+  Examples:
     >>> flat = convert("convnext_tiny", "convnext_tiny-983f1562.pth", "torchvision")
   """
   if source not in NAMES:

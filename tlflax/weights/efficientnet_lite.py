@@ -116,7 +116,7 @@ def convert(model_name: str, path: str, source: str) -> dict[str, np.ndarray]:
     WeightsError: another source, a file of the other layout (naming the
       source to use), or tensors of another architecture or size.
 
-  Example:
+  Examples:
     >>> flat = convert("efficientnet_lite0", "efficientnet-lite0-57934424.pth", "torchvision")
   """
   model = _lite(model_name)
@@ -147,7 +147,7 @@ LITE_STD = (128.0, 128.0, 128.0)
 def google_preprocessing(size: int) -> Preprocessing:
   """Google's evaluation recipe for an EfficientNet-Lite at `size` px.
 
-  Example:
+  Examples:
     >>> google_preprocessing(224).resize_size
     256
   """

@@ -292,7 +292,7 @@ def number_by_creation(keras_layers: dict[str, list], base_names) -> dict[str, l
   Returns:
     The same layers, the automatically named ones renamed, the others kept.
 
-  Example:
+  Examples:
     >>> sorted(number_by_creation({"conv2d_95": [], "conv2d_94": []}, ["conv2d"]))
     ['conv2d_0', 'conv2d_1']
   """

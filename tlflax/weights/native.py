@@ -69,7 +69,7 @@ def save(directory: str | os.PathLike, variables: Mapping[str, Any],
     WeightsError: a non-empty `directory` without `overwrite`, or one that is
       not a checkpoint; provenance without "model_name".
 
-  Example:
+  Examples:
     >>> save("/tmp/r18", variables, {"model_name": "resnet18", "source": "torchvision"})
     '/tmp/r18'
   """
@@ -112,7 +112,7 @@ def read_provenance(directory: str | os.PathLike) -> dict[str, Any]:
   Raises:
     WeightsError: `directory` is not a tlflax checkpoint (saying what it holds).
 
-  Example:
+  Examples:
     >>> read_provenance("/tmp/r18")["model_name"]
     'resnet18'
   """
@@ -149,7 +149,7 @@ def model_options(provenance: Mapping[str, Any]) -> dict[str, Any]:
   hashable, e.g. `frozen_batchnorm`). A checkpoint written before options
   were recorded gives `{}`.
 
-  Example:
+  Examples:
     >>> model_options(read_provenance("ckpt/inception"))
     {'transform_input': False}
   """
@@ -181,7 +181,7 @@ def convert(model_name: str, path: str | os.PathLike) -> dict[str, np.ndarray]:
   Raises:
     WeightsError: not a tlflax checkpoint, or one for another model.
 
-  Example:
+  Examples:
     >>> convert("resnet18", "/tmp/r18")["params/head/kernel"].shape
     (512, 1000)
   """

@@ -62,7 +62,7 @@ def register(entry: PretrainedWeights, replace: bool = False) -> None:
     entry: the new entry.
     replace: allow replacing an entry with the same id.
 
-  Example:
+  Examples:
     >>> register(dataclasses.replace(get("resnet18.tv_in1k"), id="resnet18.mine",
     ...                              url="https://example.org/r18.pth", file_name="r18.pth"))
   """
@@ -220,7 +220,7 @@ for _family in FAMILIES:
 def list_ids(model_name: str | None = None, source: str | None = None) -> list[str]:
   """Known ids, optionally only those for one model or one source.
 
-  Example:
+  Examples:
     >>> list_ids("resnet50")
     ['resnet50.a1_in1k', 'resnet50.tv2_in1k', 'resnet50.tv_in1k']
   """
@@ -239,7 +239,7 @@ def get(weight_id: str) -> PretrainedWeights:
   Raises:
     WeightsError: an unknown id, listing the closest known ones.
 
-  Example:
+  Examples:
     >>> get("resnet50.tv2_in1k").url
     'https://download.pytorch.org/models/resnet50-11ad3fa6.pth'
   """
@@ -269,7 +269,7 @@ def matching_entry(model_name: str, path: str | os.PathLike) -> PretrainedWeight
 def default_preprocessing(model_name: str) -> Preprocessing:
   """The preprocessing of the model's first registered weights, else torchvision's.
 
-  Example:
+  Examples:
     >>> default_preprocessing("keras_vgg16").channel_order
     'BGR'
   """

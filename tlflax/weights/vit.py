@@ -169,7 +169,7 @@ def fit_weights(model_name: str, flat: dict[str, np.ndarray],
     WeightsError: an image size that is no multiple of the patch size, or
       embeddings of no square grid.
 
-  Example:
+  Examples:
     >>> flat, options = fit_weights("vit_b_16", flat, {"image_size": 384})
     >>> flat["params/stem/position_embedding"].shape
     (1, 577, 768)
