@@ -75,6 +75,17 @@ def test_bad_candidates_say_what_to_write(tmp_path):
     ranking.parse_sources(f"cifar_resnet20={tmp_path / 'missing.th'}")
   with pytest.raises(ranking.RankError, match="is no tlflax model"):
     ranking.parse_sources(f"resnet999={tmp_path}")
+  unnamed = tmp_path / "mine.pth"
+  unnamed.write_bytes(b"")
+  with pytest.raises(ranking.RankError, match=r"say which framework wrote mine.pth: "
+                     r"resnet18=FRAMEWORK:.*torchvision, timm, keras"):
+    ranking.parse_sources(f"resnet18={unnamed}")
+  # A framework given, or a file the registry knows by its name, is accepted.
+  assert ranking.parse_sources(f"resnet18=torchvision:{unnamed}") == [
+      ranking.Source("resnet18", str(unnamed), "torchvision")]
+  known = tmp_path / "resnet18-f37072fd.pth"  # torchvision's published file name
+  known.write_bytes(b"")
+  assert ranking.parse_sources(f"resnet18={known}")[0].framework == "torchvision"
   sources = ranking.parse_sources(LITE0)
   with pytest.raises(ranking.RankError, match="has no stage 'stage9'; its stages are stem"):
     ranking.make_candidates(sources, "stage2,stage9")

@@ -43,6 +43,7 @@ import numpy as np
 from tlflax import build, files, models, transferability
 from tlflax.models.base import LOGITS
 from tlflax.inference import features as feature_files
+from tlflax.weights import loader as weight_sources
 from tlflax.weights import registry
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,17 @@ class RankError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """A source network: its tlflax model name and its weights (an id, a file or a checkpoint)."""
+  """A source network: its tlflax model name and its weights (an id, a file or a checkpoint).
+
+  Attributes:
+    model: the tlflax model name.
+    weights: a pretrained id, a weight file or a tlflax checkpoint directory.
+    framework: the file's framework ("torchvision", "timm", "keras" or
+      "tlflax"; "" for an id or a tlflax checkpoint, which say it themselves).
+  """
   model: str
   weights: str
+  framework: str = ""
 
   @property
   def label(self) -> str:
@@ -108,8 +117,10 @@ def parse_sources(text: str) -> list[Source]:
 
   Args:
     text: comma-separated entries, each a pretrained id
-      ("efficientnet_lite0.tf_in1k") or `MODEL=PATH` (a weight file or a
-      tlflax checkpoint, read as `tlflax.weights.load` reads it).
+      ("efficientnet_lite0.tf_in1k") or `MODEL=[FRAMEWORK:]PATH`: a weight
+      file of FRAMEWORK (torchvision, timm, keras; it may be left out for a
+      file the registry knows by its name, e.g. a torchvision download) or a
+      tlflax checkpoint directory.
 
   Returns:
     The sources, in the order given, without repeats.
@@ -126,12 +137,24 @@ def parse_sources(text: str) -> list[Source]:
   for entry in entries:
     if "=" in entry:
       model, path = (part.strip() for part in entry.split("=", 1))
+      framework = ""
+      prefix = path.split(":", 1)[0]
+      if ":" in path and prefix in weight_sources.SOURCES:
+        framework, path = prefix, path.split(":", 1)[1]
       if model not in models.model_names():
         raise RankError(f"{entry!r}: {model!r} is no tlflax model; write MODEL=PATH with one "
                         f"of tlflax.models.model_names().")
       if not os.path.exists(path):
         raise RankError(f"{entry!r}: {path} does not exist.")
-      source = Source(model, path)
+      if not framework and os.path.isfile(path):
+        known = registry.matching_entry(model, path)
+        if known is None:
+          raise RankError(
+              f"{entry!r}: say which framework wrote {os.path.basename(path)}: "
+              f"{model}=FRAMEWORK:{path} with FRAMEWORK one of "
+              f"{', '.join(s for s in weight_sources.SOURCES if s != 'tlflax')}.")
+        framework = known.source
+      source = Source(model, path, framework)
     elif registry.is_known(entry):
       source = Source(registry.get(entry).model_name, entry)
     else:
@@ -199,7 +222,7 @@ def _source_config(config, source: Source):
   cfg = copy.deepcopy(config)
   cfg.model.name = source.model
   cfg.init.weights = source.weights
-  cfg.init.source = ""
+  cfg.init.source = source.framework
   return cfg
 
 
@@ -291,7 +314,8 @@ def _plot_title(config) -> str:
   target = config.data.path or config.data.name or config.data.source
   per_class = int(config.data.get("train_examples_per_class", 0) or 0)
   size = f", {per_class} per class" if per_class else ""
-  return f"Transferability to {os.path.basename(os.path.normpath(target))}{size} (train split)"
+  return (f"Transferability to {os.path.basename(os.path.normpath(target))}{size} "
+          f"({config.data.train_split} split, {config.data.image_size} px)")
 
 
 def best_by_score(rows: Sequence[ScoreRow]) -> dict[str, Candidate]:
@@ -357,21 +381,35 @@ def plot(rows: Sequence[ScoreRow], path: str, title: str = "") -> None:
                                  squeeze=False)
   picks = best_by_score(rows)
   sources = list(dict.fromkeys(r.candidate.source for r in rows))
+  # Each source's candidates, input side first. Sources with the same stages
+  # share stage-named ticks; otherwise x is the position in each source's own
+  # list (0 = its first candidate, 1 = its last), so depths line up.
+  candidates = {s: [c for c in dict.fromkeys(r.candidate for r in rows) if c.source == s]
+                for s in sources}
+  same_stages = len({tuple(c.stage for c in cs) for cs in candidates.values()}) == 1
+  def x_of(candidate):
+    own = candidates[candidate.source]
+    k = own.index(candidate)
+    return float(k) if same_stages else k / max(1, len(own) - 1)
   for ax, name in zip(axes.flat, names):
     for source in sources:
       own = [r for r in rows if r.score == name and r.candidate.source == source
              and not math.isnan(r.value)]
       if not own:
         continue
-      x = np.arange(len(own))
+      x = [x_of(r.candidate) for r in own]
       ax.plot(x, [r.value for r in own], marker="o", label=source.label)
-      for k, r in enumerate(own):
+      for r in own:
         if picks.get(name) == r.candidate:
-          ax.plot([k], [r.value], marker="*", markersize=16, color="black", zorder=5)
-      if len(own) > 1:
-        ax.set_xticks(x, [r.candidate.stage for r in own], rotation=45, ha="right", fontsize=8)
-      else:
-        ax.set_xticks(x, [own[0].candidate.stage], fontsize=8)
+          ax.plot([x_of(r.candidate)], [r.value], marker="*", markersize=16, color="black",
+                  zorder=5)
+    if same_stages:
+      first = candidates[sources[0]]
+      ax.set_xticks([x_of(c) for c in first], [f"{c.stage}\n{c.freeze_rule}" for c in first],
+                    rotation=45 if len(first) > 4 else 0, ha="right" if len(first) > 4 else "center",
+                    fontsize=7)
+    else:
+      ax.set_xlabel("stage, input side (0) to pre_logits (1)", fontsize=8)
     ax.set_title(name)
     ax.grid(alpha=0.3)
   for ax in list(axes.flat)[len(names):]:
