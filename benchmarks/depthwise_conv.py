@@ -17,14 +17,14 @@ Two tables, each measured in the same run:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from small_map_conv import median_ms  # this folder: run as a script
 
 from tlflax import models
 from tlflax.models import layers
@@ -33,16 +33,6 @@ from tlflax.models import layers
 CASES = ((112, 32, 3, 1), (112, 96, 3, 2), (56, 144, 5, 2), (28, 240, 3, 2), (14, 480, 5, 1),
          (14, 672, 5, 2), (7, 1152, 3, 1))
 BATCH = 32
-
-
-def median_ms(run, n=5) -> float:
-  run()
-  times = []
-  for _ in range(n):
-    start = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
 
 
 def same_padding(size, kernel, stride):
