@@ -13,7 +13,9 @@ the first window left out (tlflax compiles there, PyTorch starts its
 workers), then the median over seeds. Wall time per run (compilation, weight
 loading, feature extraction and evaluation included) in the last columns.
 Every recipe needs all its seeds finished in both; a missing one is an error
-that names it, never a shorter row.
+that names it, never a shorter row. `--timing_seeds 5-9` takes the speed
+columns from those seeds alone (e.g. the runs made while nothing else ran on
+the machine); accuracy always uses every seed.
 """
 
 from __future__ import annotations
@@ -82,8 +84,21 @@ def pytorch_runs(results, study, recipe):
   return runs
 
 
-def table(workdir, pytorch_json) -> str:
+def seed_range(text: str) -> list[int]:
+  """"5-9" or "0,2,4" as a list of seeds."""
+  seeds = []
+  for part in text.split(","):
+    first, _, last = part.partition("-")
+    seeds += list(range(int(first), int(last or first) + 1))
+  return seeds
+
+
+def table(workdir, pytorch_json, timing_seeds=None) -> str:
   study = load_study_config()
+  timed = [k for k, seed in enumerate(study.SEEDS) if timing_seeds is None or seed in timing_seeds]
+  if not timed:
+    raise SystemExit(f"--timing_seeds {timing_seeds} names none of the study's seeds "
+                     f"{list(study.SEEDS)}.")
   with open(pytorch_json) as f:
     pytorch = json.load(f)
   lines = ["| recipe | tlflax accuracy % | PyTorch accuracy % | difference / s.e. "
@@ -94,8 +109,8 @@ def table(workdir, pytorch_json) -> str:
     (m1, s1), (m2, s2) = (mean_sd([100 * r[0] for r in runs]) for runs in (ours, theirs))
     error = (s1 ** 2 / len(ours) + s2 ** 2 / len(theirs)) ** 0.5
     gap = f"{(m1 - m2) / error:+.1f}" if error > 0 else ("0" if m1 == m2 else "inf")
-    speed = [statistics.median(r[1] for r in runs) for runs in (ours, theirs)]
-    wall = [statistics.median(r[2] for r in runs) for runs in (ours, theirs)]
+    speed = [statistics.median(runs[k][1] for k in timed) for runs in (ours, theirs)]
+    wall = [statistics.median(runs[k][2] for k in timed) for runs in (ours, theirs)]
     lines.append(f"| {recipe} | {m1:.1f} ± {s1:.1f} | {m2:.1f} ± {s2:.1f} | {gap} "
                  f"| {speed[0]:.2f} | {speed[1]:.2f} | {wall[0]:.0f} | {wall[1]:.0f} |")
   return "\n".join(lines)
@@ -106,8 +121,11 @@ def main(argv=None) -> int:
   parser.add_argument("workdir", help="the sweep's workdir (tlflax train --workdir)")
   parser.add_argument("pytorch_json", help="experiments/hymenoptera_pytorch.py's --out file")
   parser.add_argument("--out", default="", help="also write the table to this file")
+  parser.add_argument("--timing_seeds", default="", help="seeds whose runs give the speed "
+                      "columns, e.g. 5-9 (default: all)")
   args = parser.parse_args(argv)
-  text = table(args.workdir, args.pytorch_json)
+  text = table(args.workdir, args.pytorch_json,
+               seed_range(args.timing_seeds) if args.timing_seeds else None)
   print(text)
   if args.out:
     with open(args.out, "w") as f:
