@@ -409,6 +409,7 @@ def plot(rows: Sequence[ScoreRow], path: str, title: str = "") -> None:
                     rotation=45 if len(first) > 4 else 0, ha="right" if len(first) > 4 else "center",
                     fontsize=7)
     else:
+      ax.set_xlim(-0.05, 1.05)
       ax.set_xlabel("stage, input side (0) to pre_logits (1)", fontsize=8)
     ax.set_title(name)
     ax.grid(alpha=0.3)
