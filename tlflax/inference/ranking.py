@@ -132,7 +132,7 @@ def parse_sources(text: str) -> list[Source]:
   if not entries:
     raise RankError("config.rank.sources is empty: name the source weights to rank, e.g. "
                     "--config.rank.sources=efficientnet_lite0.tf_in1k,"
-                    "cifar_resnet56=/path/to/resnet56.th")
+                    "cifar_resnet56=torchvision:/path/to/weights.th")
   sources = []
   for entry in entries:
     if "=" in entry:
