@@ -39,6 +39,7 @@ import time
 from typing import Sequence
 
 import numpy as np
+from scipy import special
 
 from tlflax import build, files, models, transferability
 from tlflax.models.base import LOGITS
@@ -238,13 +239,6 @@ def _train_features(config, source: Source, stage: str, output: str, progress: b
   return values, labels, float(info["splits"]["train"].get("seconds", math.nan))
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-  logits = np.asarray(logits, np.float64)
-  shifted = logits - logits.max(axis=1, keepdims=True)
-  exp = np.exp(shifted)
-  return exp / exp.sum(axis=1, keepdims=True)
-
-
 def score_names(text: str) -> list[str]:
   """`config.rank.scores` as names of `tlflax.transferability.SCORES`."""
   names = list(transferability.SCORES) if text.strip() == ALL else [
@@ -284,7 +278,7 @@ def rank(config, output: str, progress: bool = True) -> list[ScoreRow]:
                   ", ".join(head_scores))
       continue
     logits, _, logit_seconds[source] = _train_features(config, source, LOGITS, output, progress)
-    probabilities[source] = _softmax(logits)
+    probabilities[source] = special.softmax(np.asarray(logits, np.float64), axis=1)
   for candidate in candidates:
     values, labels, feature_seconds = _train_features(config, candidate.source, candidate.stage,
                                                       output, progress)
