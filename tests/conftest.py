@@ -1,6 +1,9 @@
 """Shared test set-up. The environment lines must run before JAX or Keras start."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 
 def with_device_count(xla_flags: str, count: int) -> str:
@@ -17,6 +20,11 @@ def with_device_count(xla_flags: str, count: int) -> str:
 os.environ["XLA_FLAGS"] = with_device_count(os.environ.get("XLA_FLAGS", ""), 8)
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Compiled programs go to a cache of this session alone (removed at its end),
+# not the user's ~/.cache/tlflax/xla: every run of the suite starts cold.
+_SESSION_XLA_CACHE = tempfile.mkdtemp(prefix="tlflax-tests-xla-")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_XLA_CACHE
+atexit.register(shutil.rmtree, _SESSION_XLA_CACHE, ignore_errors=True)
 
 import importlib.util  # pylint: disable=wrong-import-position
 import pathlib  # pylint: disable=wrong-import-position

@@ -91,6 +91,19 @@ def test_jitted_step_equals_plain_step():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_a_dropout_key_argument_draws_the_seeds_masks_from_a_seed_free_program():
+  """Sweeps pass `jax.random.key(seed)` so that their seeds share one compiled step."""
+  model, freezing, tx, state, batch = setup("efficientnet_lite0", "none")  # dropout 0.2
+  step = jax.jit(steps.make_train_step(model, tx, freezing, dropout_seed=3))
+  by_constant, _ = step(state, batch)
+  by_argument, _ = step(state, batch, jax.random.key(3))
+  assert identical(by_constant.params, by_argument.params)
+  by_other_key, _ = step(state, batch, jax.random.key(4))
+  assert not identical(by_constant.params, by_other_key.params)  # the masks depend on the key
+  programs = {step.lower(state, batch, jax.random.key(seed)).as_text() for seed in (3, 4)}
+  assert len(programs) == 1
+
+
 def test_everything_frozen_is_an_error():
   model = models.get_model("cifar_resnet20")
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))

@@ -293,6 +293,13 @@ def test_a_workdir_of_another_sweep_is_refused_unless_overwrite(tmp_path, config
   with pytest.raises(sweeps.SweepError, match="config keys differ: num_train_steps"):
     sweeps.prepare(longer, points, str(tmp_path))
 
+  # Keys that cannot change a result (caches, decoding workers) are the same sweep.
+  elsewhere, _ = load(config_file)
+  with elsewhere.unlocked():
+    elsewhere.compilation_cache.directory = str(tmp_path / "another_cache")
+    elsewhere.data.num_workers = 3
+  sweeps.prepare(elsewhere, points, str(tmp_path))
+
   sweeps.prepare(config, more, str(tmp_path), overwrite=True)
   assert sweep_results.missing_points(str(tmp_path)) == ["freeze_rules-depth_3__seed-0"]
   assert (tmp_path / NAMES[0] / "result.json").exists()  # a finished point is never deleted

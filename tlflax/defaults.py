@@ -116,6 +116,13 @@ def base_config() -> ml_collections.ConfigDict:
       enabled=False,
       directory="",           # "" = $TLFLAX_CACHE_DIR/prefix (~/.cache/tlflax/prefix)
   ))
+  # JAX's persistent compilation cache (see tlflax.compilation): a step compiled
+  # once is read from disk by later runs of the same program (a sweep's seeds).
+  config.compilation_cache = ml_collections.ConfigDict(dict(
+      enabled=True,
+      directory="",           # "" = $JAX_COMPILATION_CACHE_DIR, else ~/.cache/tlflax/xla
+      min_compile_seconds=1.0,  # faster-compiling programs are not stored
+  ))
   config.optimizer = optim.default_config()
   config.label_smoothing = 0.0
 
@@ -225,6 +232,8 @@ VALUE_RANGES = {
     "recipe_head_learning_rate": Range("lp_ft's probe rate (0: optimizer.learning_rate)", 0),
     "recipe_backbone_multiplier": Range("delayed_backbone's backbone rate relative to the "
                                         "head's", 0, minimum_allowed=False),
+    "compilation_cache.min_compile_seconds": Range(
+        "the compile time below which a program is not cached, in seconds", 0),
     "rank.folds": Range("the cross-validation folds of the knn and linear_probe scores", 2,
                         whole=True),
     "log_every_steps": Range("the steps between logged training metrics", 1, whole=True),

@@ -86,8 +86,8 @@ def _unchanged(images):
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     freezing: Freezing, label_smoothing: float = 0.0, dropout_seed: int = 0,
                     prepare_images: Callable[[Any], Any] | None = None,
-                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """Builds `train_step(state, batch) -> (state, metrics)`.
+                    ) -> Callable[..., tuple[TrainState, dict]]:
+  """Builds `train_step(state, batch, dropout_key=None) -> (state, metrics)`.
 
   Args:
     model: the backbone (+ head).
@@ -95,7 +95,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     freezing: compiled freeze rules; must be the one `tx` was built for.
     label_smoothing: for the cross-entropy loss.
     dropout_seed: dropout keys are this seed folded with the step number, so a
-      resumed run draws the same masks as an uninterrupted one.
+      resumed run draws the same masks as an uninterrupted one. The step's
+      optional third argument, `jax.random.key(dropout_seed)` passed as an
+      argument, replaces this constant: runs that differ only in their seed
+      then share one compiled program (through JAX's persistent compilation
+      cache, also across processes) instead of each baking its seed in.
     prepare_images: applied to `batch["image"]` inside the step, on the
       device: the dataset's `device_transform()` (uint8 -> normalised float32);
       None passes the images on as they are.
@@ -111,11 +115,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
   prepare = prepare_images or _unchanged
 
-  def train_step(state: TrainState, batch: dict):
+  def train_step(state: TrainState, batch: dict, dropout_key=None):
     step_model = with_frozen_batchnorm(model, freezing, state.batch_stats)
     images = prepare(batch["image"])
     trainable, frozen = freezing.split(state.params)
-    rngs = {"dropout": jax.random.fold_in(jax.random.key(dropout_seed), state.step)}
+    if dropout_key is None:
+      dropout_key = jax.random.key(dropout_seed)
+    rngs = {"dropout": jax.random.fold_in(dropout_key, state.step)}
 
     def loss_fn(trainable_params):
       variables = {"params": merge_trees(trainable_params, frozen),

@@ -125,8 +125,10 @@ def _describe_difference(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     differences.append("the points are in a different order")
   old_config = tree.flatten_dotted(old.get("config", {}))
   new_config = tree.flatten_dotted(new["config"])
+  # Keys that cannot change results (workdir.NOT_SETTINGS: worker counts,
+  # caches) are not a different sweep.
   keys = sorted(k for k in old_config.keys() | new_config.keys()
-                if old_config.get(k) != new_config.get(k))
+                if old_config.get(k) != new_config.get(k) and workdir_lib.is_setting(k))
   if keys:
     differences.append(f"config keys differ: {', '.join(keys)}")
   return differences

@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from tlflax import build, data, defaults, freeze, optim, sharding, steps
+from tlflax import build, compilation, data, defaults, freeze, optim, sharding, steps
 from tlflax import stages as stages_lib
 from tlflax.training import checkpoint, metrics, preemption, prefix_cache
 from tlflax.training import workdir as workdir_lib
@@ -159,10 +159,19 @@ def build_stage(config, run: Setup, stage: stages_lib.Stage, variables, mesh) ->
   replicated, batch_sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   # The steps: pure functions, jitted with explicit shardings; state donated.
   # Images arrive as uint8 and are normalised inside the jitted steps.
-  train_step = jax.jit(steps.make_train_step(model, tx, freezing, config.label_smoothing,
-                                             config.seed, train_data.device_transform()),
-                       in_shardings=(replicated, batch_sharded),
-                       out_shardings=(replicated, replicated), donate_argnums=0)
+  # The seed's dropout key is an argument, not a constant of the program, so
+  # runs that differ only in their seed (a sweep's seeds) compile once
+  # (`tlflax.compilation.use_persistent_cache`).
+  jitted_train_step = jax.jit(
+      steps.make_train_step(model, tx, freezing, config.label_smoothing,
+                            prepare_images=train_data.device_transform()),
+      in_shardings=(replicated, batch_sharded, replicated),
+      out_shardings=(replicated, replicated), donate_argnums=0)
+  dropout_key = jax.device_put(jax.random.key(config.seed), replicated)
+
+  def train_step(state, batch):
+    return jitted_train_step(state, batch, dropout_key)
+
   eval_step = jax.jit(steps.make_eval_step(model, eval_data.device_transform()),
                       in_shardings=(replicated, batch_sharded), out_shardings=replicated)
   log.info("Stage %s (%d of %d): steps %d-%d, %s\n%s", stage.name, stage.index + 1,
@@ -317,6 +326,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   # the rerun check and config.json see the config.
   config = build.with_data_normalization(config)
   sharding.initialize_distributed(config.distributed)
+  compilation.use_persistent_cache(config.compilation_cache)
   workdir_lib.usable_workdir(workdir)
   # A workdir with checkpoints is a rerun: a finished run answers with its
   # result (or refuses other settings) here, before anything is built.

@@ -58,6 +58,9 @@ NOT_SETTINGS = {
     # keyed by what it holds, and results equal the uncached run's up to
     # float rounding (tests/test_stages.py).
     "prefix_cache.*",
+    # Where compiled programs are kept: a program read from the cache is the
+    # one a fresh compile would make (tlflax.compilation).
+    "compilation_cache.*",
 }
 
 
@@ -126,7 +129,7 @@ def changed_settings(recorded: Any, config: Any) -> list[tuple[str, Any, Any]]:
     compared item by item (`stages[1].steps`), so the key that changed is named.
   """
   old, new = (json.loads(config_to_json(c)) for c in (recorded, config))  # as recorded
-  return [change for change in _differences(old, new, "") if not _not_setting(change[0])]
+  return [change for change in _differences(old, new, "") if is_setting(change[0])]
 
 
 def _differences(old: Any, new: Any, key: str) -> list[tuple[str, Any, Any]]:
@@ -149,9 +152,10 @@ class _Missing:
 MISSING = _Missing()  # a key one of two configs does not have (see `changed_settings`)
 
 
-def _not_setting(key: str) -> bool:
-  return any(key == name or (name.endswith(".*") and key.startswith(name[:-1]))
-             for name in NOT_SETTINGS)
+def is_setting(key: str) -> bool:
+  """Whether a dotted config key can change a run's results (it is not in `NOT_SETTINGS`)."""
+  return not any(key == name or (name.endswith(".*") and key.startswith(name[:-1]))
+                 for name in NOT_SETTINGS)
 
 
 def describe_changes(changes: Sequence[tuple[str, Any, Any]], width: int = 60) -> str:
