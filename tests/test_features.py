@@ -192,6 +192,37 @@ def test_output_of_another_extraction_is_refused_unless_overwrite(digits_dir, ru
                                   progress=False)
 
 
+def test_several_stages_in_one_pass_write_what_one_stage_at_a_time_writes(digits_dir, run_dir,
+                                                                           tmp_path):
+  config = digits_config(digits_dir, weights=run_dir, source="workdir")
+  stages = ["stage3", "stem", "logits"]
+  outputs = {stage: str(tmp_path / "pass" / stage) for stage in stages}
+  infos = features.extract_to_directories(config, outputs, splits=["eval"], progress=False)
+  for stage in stages:
+    single = str(tmp_path / "single" / stage)
+    alone = features.extract_to_directory(config, single, stage, splits=["eval"], progress=False)
+    assert infos[stage]["extraction"] == alone["extraction"]
+    assert infos[stage]["splits"]["eval"]["pass_stages"] == stages
+    (together, labels), (expected, expected_labels) = (features.load(d, "eval")
+                                                       for d in (outputs[stage], single))
+    np.testing.assert_array_equal(labels, expected_labels)
+    # One program for all stages vs one per stage: the same arithmetic fused
+    # differently, so float32 rounding may differ (as in the tests above).
+    np.testing.assert_allclose(together, expected, rtol=1e-5, atol=1e-5)
+    # The directory is the same extraction: the one-stage call keeps it as it is.
+    written = os.path.getmtime(os.path.join(outputs[stage], "eval_features.npy"))
+    features.extract_to_directory(config, outputs[stage], stage, splits=["eval"], reuse=True,
+                                  progress=False)
+    assert os.path.getmtime(os.path.join(outputs[stage], "eval_features.npy")) == written
+  seconds = {infos[s]["splits"]["eval"]["seconds"] for s in stages}
+  assert len(seconds) == 1 and seconds.pop() > 0  # equal shares of the one pass
+
+  with pytest.raises(ValueError, match=r"Unknown stage 'stage9'.*choose one of stem, stage1"):
+    features.extract_to_directories(config, {"stage1": str(tmp_path / "a"),
+                                             "stage9": str(tmp_path / "b")}, progress=False)
+  assert not (tmp_path / "a").exists()
+
+
 @pytest.fixture(name="cli_output", scope="module")
 def fixture_cli_output(digits_dir, run_dir, tmp_path_factory):
   output = str(tmp_path_factory.mktemp("features") / "digits")

@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import time
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -127,6 +127,54 @@ def extract_with_skipped(model, variables, dataset, stage: str, pool: str = "avg
     order, and one `{"example": position in the split, "name": file}` per
     skipped example (empty unless the dataset has `skip_bad_files`).
   """
+  features, labels, skipped = extract_stages(model, variables, dataset, [stage], pool, progress)
+  return features[stage], labels, skipped
+
+
+def last_computed(model, stages: Sequence[str], model_name: str = "this model") -> str:
+  """The one of `stages` that the network computes last (computing it computes all).
+
+  Args:
+    model: a backbone from `tlflax.models.get_model`.
+    stages: names from `tlflax.models.feature_names(model)`.
+    model_name: how an error names the model, e.g. "'resnet18'".
+
+  Raises:
+    ValueError: a body stage or "pre_logits" that the model lacks (listing its
+      features); "logits" is checked where the weights say whether there is a
+      head (`tlflax.build.build_extractor`, `tlflax.models.model_for_stage`).
+  """
+  for stage in stages:
+    if stage != models.LOGITS:
+      models.check_stage(model, stage, model_name)
+  order = [*model.stage_names, models.PRE_LOGITS, models.LOGITS]
+  return max(stages, key=order.index)
+
+
+def extract_stages(model, variables, dataset, stages: Sequence[str], pool: str = "avg",
+                   progress: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray, list[dict]]:
+  """`extract_with_skipped` for several stages in one pass over the data.
+
+  The network runs once per batch, truncated after the last of `stages`, in
+  one compiled program that returns every stage asked for: one decode of the
+  images and one compilation, where extracting the stages one by one pays
+  both per stage (a ranking of every stage of a network, `tlflax rank`).
+
+  Args:
+    model: as in `extract`.
+    variables: as in `extract`.
+    dataset: as in `extract`.
+    stages: names from `tlflax.models.feature_names(model)`.
+    pool: as in `extract`, for every stage.
+    progress: as in `extract`.
+
+  Returns:
+    `({stage: features}, labels, skipped)`, as `extract_with_skipped` returns
+    them for each stage.
+  """
+  stages = list(dict.fromkeys(stages))
+  if not stages:
+    raise ValueError("No stages to extract.")
   if pool not in POOLS:
     raise ValueError(f"Unknown pool {pool!r}; use one of {POOLS}.")
   if dataset.training:
@@ -135,26 +183,30 @@ def extract_with_skipped(model, variables, dataset, stage: str, pool: str = "avg
   if dataset.process_count != 1:
     raise ValueError("extract reads every example in one process; build the dataset with "
                      "process_count=1.")
-  model = models.model_for_stage(model, stage)
+  model = models.model_for_stage(model, last_computed(model, stages))
   variables = variables_for(model, variables, dataset.image_size)
 
   prepare = dataset.device_transform()
 
-  # Variables as an argument, not a closure: XLA would embed them as constants.
-  @jax.jit
-  def features_of(variables, images):
-    out = models.extract_features(model, variables, prepare(images), [stage])[stage]
+  def pooled(out):
     out = out.astype(jnp.float32)
     if pool == "avg" and out.ndim in (3, 4):
       # A feature map (N, H, W, C) or a transformer's tokens (N, T, C).
       out = jnp.mean(out, axis=tuple(range(1, out.ndim - 1)))
     return out
 
+  # Variables as an argument, not a closure: XLA would embed them as constants.
+  @jax.jit
+  def features_of(variables, images):
+    outputs = models.extract_features(model, variables, prepare(images), stages)
+    return {stage: pooled(out) for stage, out in outputs.items()}
+
   features = labels = None
   done = 0
   skipped = []
   batches = tqdm.tqdm(dataset.batches(epoch=0), total=dataset.steps_per_epoch,
-                      desc=f"{stage} features", unit="batch", disable=not progress)
+                      desc=f"{', '.join(stages)} features", unit="batch",
+                      disable=not progress)
   for step, batch in enumerate(batches):
     # Rows left out: padding, and (skip_bad_files) files that fail to decode.
     real = batch["mask"] > 0
@@ -162,13 +214,17 @@ def extract_with_skipped(model, variables, dataset, stage: str, pool: str = "avg
       position = step * dataset.local_batch_size + int(row)
       skipped.append({"example": position, "name": dataset.source.example_name(
           int(dataset.example_ids[position]))})
-    out = np.asarray(features_of(variables, batch["image"]))[real]
-    if features is None:  # allocated once the per-example shape is known
-      features = np.empty((dataset.num_examples, *out.shape[1:]), np.float32)
+    outputs = {stage: np.asarray(out)[real]
+               for stage, out in features_of(variables, batch["image"]).items()}
+    if features is None:  # allocated once the per-example shapes are known
+      features = {stage: np.empty((dataset.num_examples, *out.shape[1:]), np.float32)
+                  for stage, out in outputs.items()}
       labels = np.empty((dataset.num_examples,), np.int32)
-    features[done:done + len(out)] = out
-    labels[done:done + len(out)] = batch["label"][real]
-    done += len(out)
+    count = len(next(iter(outputs.values())))
+    for stage, out in outputs.items():
+      features[stage][done:done + count] = out
+    labels[done:done + count] = batch["label"][real]
+    done += count
   if features is None:
     raise ValueError("The dataset has no examples to extract features from.")
   if done + len(skipped) != dataset.num_examples:
@@ -183,7 +239,7 @@ def extract_with_skipped(model, variables, dataset, stage: str, pool: str = "avg
     log.warning("Features left out %d of %d examples whose files fail to decode "
                 "(data.skip_bad_files=True): %s. The features and labels hold the other %d, "
                 "in order.", len(skipped), dataset.num_examples, names, done)
-  return features[:done], labels[:done], skipped
+  return {stage: values[:done] for stage, values in features.items()}, labels[:done], skipped
 
 
 def describe_weights(config) -> dict:
@@ -296,6 +352,33 @@ def extract_to_directory(config, output: str, stage: str = models.PRE_LOGITS,
   Returns:
     The info dict written to `output/info.json`.
   """
+  return extract_to_directories(config, {stage: output}, splits, pool, overwrite, progress,
+                                reuse)[stage]
+
+
+def extract_to_directories(config, outputs: Mapping[str, str], splits: Sequence[str] = SPLITS,
+                           pool: str = "avg", overwrite: bool = False, progress: bool = True,
+                           reuse: bool = False) -> dict[str, dict]:
+  """`extract_to_directory` for several stages of one network, in one pass per split.
+
+  Each stage gets its own directory, exactly as `extract_to_directory` would
+  write it, but the images are decoded and the network run once per split
+  for all the stages that need it (`extract_stages`). Each stage's
+  `seconds` is its share of the pass (the pass's time over its stages);
+  `pass_stages` names the stages that shared it.
+
+  Args:
+    config: as in `extract_to_directory`.
+    outputs: `{stage: directory}`.
+    splits: as in `extract_to_directory`, for every stage.
+    pool: as in `extract_to_directory`.
+    overwrite: as in `extract_to_directory`.
+    progress: as in `extract_to_directory`.
+    reuse: as in `extract_to_directory`.
+
+  Returns:
+    `{stage: the info dict written to its directory}`.
+  """
   splits = list(dict.fromkeys(splits))
   unknown = [s for s in splits if s not in SPLITS]
   if unknown or not splits:
@@ -306,40 +389,56 @@ def extract_to_directory(config, output: str, stage: str = models.PRE_LOGITS,
   config = build.with_data_normalization(config)  # unset mean / std: the weights' own
   data_config = config.data.to_dict()
   data_config.pop("augment")  # features are never augmented: it changes nothing here
-  extraction = {**describe_weights(config), "stage": stage, "pool": pool, "seed": config.seed,
-                "data": data_config}
-  # Refused before anything is loaded; nothing is removed unless loading worked.
-  info = existing_info(output, extraction, overwrite)
-  if reuse and info is not None:
-    splits = [s for s in splits if not all(
-        os.path.exists(os.path.join(output, f"{s}_{kind}.npy")) for kind in ("features", "labels"))
-              or s not in info["splits"]]
-    if not splits:
-      return info
-  backbone = build.build_extractor(config, stage)
-  if info is None:
-    for name in _own_files(output):
-      os.remove(os.path.join(output, name))
-    info = {"format_version": FORMAT_VERSION, "extraction": tree.to_json(extraction), "splits": {}}
-  os.makedirs(output, exist_ok=True)
+  infos, todo = {}, {}
+  for stage, output in outputs.items():
+    extraction = {**describe_weights(config), "stage": stage, "pool": pool,
+                  "seed": config.seed, "data": data_config}
+    # Refused before anything is loaded; nothing is removed unless loading worked.
+    info = existing_info(output, extraction, overwrite)
+    wanted = splits
+    if reuse and info is not None:
+      wanted = [s for s in splits if s not in info["splits"] or not all(
+          os.path.exists(os.path.join(output, f"{s}_{kind}.npy"))
+          for kind in ("features", "labels"))]
+    infos[stage] = info if info is not None else {
+        "format_version": FORMAT_VERSION, "extraction": tree.to_json(extraction), "splits": {},
+        "fresh": True}
+    if wanted:
+      todo[stage] = wanted
+  if not todo:
+    return infos
+  extractor = build.build_extractor(
+      config, last_computed(build.make_model(config), list(todo), repr(config.model.name)))
+  for stage in todo:
+    output = outputs[stage]
+    if infos[stage].pop("fresh", False):
+      for name in _own_files(output):
+        os.remove(os.path.join(output, name))
+    os.makedirs(output, exist_ok=True)
   for split in splits:
+    stages = [stage for stage, wanted in todo.items() if split in wanted]
+    if not stages:
+      continue
     started = time.perf_counter()
     dataset = data.build(config.data, split=split, training=False,
                          global_batch_size=config.eval_batch_size, seed=config.seed)
-    features, labels, skipped = extract_with_skipped(backbone.model, backbone.variables,
-                                                     dataset, stage, pool, progress)
-    np.save(os.path.join(output, f"{split}_features.npy"), features)
-    np.save(os.path.join(output, f"{split}_labels.npy"), labels)
-    info["class_names"] = list(dataset.class_names)
-    info["num_classes"] = dataset.num_classes
-    info["preprocessing"] = tree.to_json(dataset.preprocessing.to_dict())
-    # num_examples counts the rows written: the split's examples less those skipped.
-    info["splits"][split] = {"num_examples": int(len(labels)),
-                             "features_shape": list(features.shape),
-                             "labels_shape": list(labels.shape),
-                             "skipped_files": skipped,
-                             # Reading, decoding and the network, model loading excluded.
-                             "seconds": round(time.perf_counter() - started, 3)}
-    # Written after every split, so a directory never lists a split it lacks.
-    files.write_json(os.path.join(output, INFO_FILE), info)
-  return info
+    features, labels, skipped = extract_stages(extractor.model, extractor.variables, dataset,
+                                               stages, pool, progress)
+    seconds = time.perf_counter() - started
+    for stage in stages:
+      output, info = outputs[stage], infos[stage]
+      np.save(os.path.join(output, f"{split}_features.npy"), features[stage])
+      np.save(os.path.join(output, f"{split}_labels.npy"), labels)
+      info["class_names"] = list(dataset.class_names)
+      info["num_classes"] = dataset.num_classes
+      info["preprocessing"] = tree.to_json(dataset.preprocessing.to_dict())
+      # num_examples counts the rows written: the split's examples less those skipped.
+      info["splits"][split] = {
+          "num_examples": int(len(labels)), "features_shape": list(features[stage].shape),
+          "labels_shape": list(labels.shape), "skipped_files": skipped,
+          # Reading, decoding and the network (this stage's share of the
+          # pass), model loading excluded.
+          "seconds": round(seconds / len(stages), 3), "pass_stages": stages}
+      # Written after every split, so a directory never lists a split it lacks.
+      files.write_json(os.path.join(output, INFO_FILE), info)
+  return infos

@@ -104,7 +104,8 @@ class ScoreRow:
     seconds: computing the score from the features.
     feature_seconds: extracting the features the score reads (the
       candidate's own, plus the source's logits for LEEP and NCE), as
-      measured when they were written.
+      measured when they were written: each stage's share of the one pass
+      over the images that extracted all of its source's stages.
   """
   candidate: Candidate
   score: str
@@ -231,8 +232,21 @@ def _slug(text: str) -> str:
   return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
 
+def _has_classifier(config, source: Source, head_scores: Sequence[str]) -> bool:
+  if build.source_class_names(_source_config(config, source)) is None:
+    log.warning("%s carries no known classifier: %s left out for it.", source.label,
+                ", ".join(head_scores))
+    return False
+  return True
+
+
+def _feature_directory(output: str, source: Source, stage: str) -> str:
+  return os.path.join(output, "features", _slug(source.label), stage)
+
+
 def _train_features(config, source: Source, stage: str, output: str, progress: bool):
-  directory = os.path.join(output, "features", _slug(source.label), stage)
+  """The stage's train features (written by `rank`'s pass, or extracted now), and their cost."""
+  directory = _feature_directory(output, source, stage)
   info = feature_files.extract_to_directory(_source_config(config, source), directory, stage,
                                             splits=["train"], progress=progress, reuse=True)
   values, labels = feature_files.load(directory, "train")
@@ -269,14 +283,18 @@ def rank(config, output: str, progress: bool = True) -> list[ScoreRow]:
   head_scores = [n for n in names if transferability.SCORES[n].needs == "source_probabilities"]
   feature_scores = [n for n in names if n not in head_scores]
   rows = []
-  probabilities, logit_seconds = {}, {}
+  with_head = [source for source in sources if head_scores and _has_classifier(config, source,
+                                                                                 head_scores)]
+  # Every stage a source needs, in one pass over the images (one compiled network).
   for source in sources:
-    if not head_scores:
-      break
-    if build.source_class_names(_source_config(config, source)) is None:
-      log.warning("%s carries no known classifier: %s left out for it.", source.label,
-                  ", ".join(head_scores))
-      continue
+    stages = [c.stage for c in candidates if c.source == source]
+    stages += [LOGITS] if source in with_head else []
+    feature_files.extract_to_directories(
+        _source_config(config, source),
+        {stage: _feature_directory(output, source, stage) for stage in stages},
+        splits=["train"], progress=progress, reuse=True)
+  probabilities, logit_seconds = {}, {}
+  for source in with_head:
     logits, _, logit_seconds[source] = _train_features(config, source, LOGITS, output, progress)
     probabilities[source] = special.softmax(np.asarray(logits, np.float64), axis=1)
   for candidate in candidates:

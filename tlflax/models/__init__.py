@@ -6,13 +6,14 @@ head (`num_classes`), frozen BatchNorm layers and dtype are declared there,
 with the functions that read features from any backbone.
 """
 
-from tlflax.models.base import (Backbone, check_stage, extract_features, feature_names,
-                                model_for_stage)
+from tlflax.models.base import (LOGITS, Backbone, check_stage, extract_features,
+                                feature_names, model_for_stage)
 from tlflax.models.layers import PRE_LOGITS
 from tlflax.models.registry import get_model, model_names, register
 
 __all__ = (
     "Backbone",
+    "LOGITS",
     "PRE_LOGITS",
     "check_stage",
     "extract_features",
