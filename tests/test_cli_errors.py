@@ -73,6 +73,11 @@ def test_a_misspelt_key_names_the_key_and_the_right_one(capsys, tmp_path):
                         "--config.optimizer.learning_rat=0.1", status=2)
   assert line.startswith("the config has no key 'learning_rat' (from "
                          "--config.optimizer.learning_rat); did you mean \"learning_rate\"")
+  # A misspelt parent: ml_collections raises a KeyError, not an AttributeError.
+  line = one_error_line(capsys, DIGITS, f"--workdir={tmp_path}/run",
+                        "--config.optimzer.learning_rate=0.1", status=2)
+  assert line.startswith("the config has no key 'optimzer' (from "
+                         "--config.optimzer.learning_rate); did you mean \"optimizer\"")
   assert not (tmp_path / "run").exists()
 
 

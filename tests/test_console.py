@@ -7,6 +7,7 @@ which is the whole command line, in this process.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -113,3 +114,21 @@ def test_train_help_explains_the_config_flags(capsys):
                "get_config()", "--print_config", "--workdir=DIR"):
     assert text in out, text
   assert "--undefok" not in out  # absl's own flags are left out
+
+
+def test_every_command_the_documentation_shows_exists():
+  """`.venv/bin/tlflax NAME` in the README, docs, configs and scripts names a real command."""
+  known = {command.name for command in commands.COMMANDS}
+  shown = {}
+  for folder, _, names in os.walk(REPO):
+    if any(part in folder for part in (".venv", ".git", "workdirs", "site")):
+      continue
+    for name in names:
+      if name.endswith((".py", ".md")):
+        path = os.path.join(folder, name)
+        with open(path, encoding="utf-8") as f:
+          for used in re.findall(r"bin/tlflax ([a-z_][a-z_-]*)", f.read()):
+            shown.setdefault(used, path)
+  assert "train" in shown  # the search finds the README's main job
+  unknown = {name: path for name, path in shown.items() if name not in known}
+  assert not unknown, f"commands shown that do not exist: {unknown}"

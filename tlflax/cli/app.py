@@ -43,13 +43,15 @@ OK, FAILED, USAGE, INTERRUPTED = 0, 1, 2, 130
 # What the library raises for a mistake it can explain: the message is meant
 # for the user. (WeightsError, CheckpointError, SweepError and
 # the data and model errors are ValueErrors; missing or unwritable files are
-# OSErrors; a diverged run is a FloatingPointError.)
-USER_ERRORS = (ValueError, OSError, KeyError, FloatingPointError)
+# OSErrors; a diverged run is a FloatingPointError.) A KeyError is not among
+# them: raised while a command runs, it is a bug, and its traceback is shown.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
 # What parsing a command line with a config file can raise, beyond those: a
-# syntax error, and ml_collections' AttributeError for a misspelt --config.KEY.
-# Whatever the config file's own code raises (a NameError or RuntimeError in
-# get_config()) becomes a ConfigFileError that names the file and the line.
-CONFIG_FILE_ERRORS = (SyntaxError, ImportError, NameError, AttributeError, TypeError)
+# syntax error, and ml_collections' AttributeError or KeyError for a misspelt
+# --config.KEY. Whatever the config file's own code raises (a NameError or
+# RuntimeError in get_config()) becomes a ConfigFileError that names the file
+# and the line.
+CONFIG_FILE_ERRORS = (SyntaxError, ImportError, NameError, AttributeError, TypeError, KeyError)
 
 
 class ConfigFileError(ValueError):
@@ -116,15 +118,16 @@ def error_line(error: BaseException, argv: Sequence[str] = ()) -> str:
 
 def _misspelt_key(message: str, argv: Sequence[str]) -> str | None:
   """ml_collections reports an unknown `--config.` key as a quoted KeyError text."""
-  try:
+  try:  # str(KeyError(text)) is the text's repr; KeyError.args[0] is the text itself
     text = ast.literal_eval(message.strip()) if message.strip()[:1] in "'\"" else message
   except (ValueError, SyntaxError):
-    return None
+    text = message
   match = re.match(r"^'(?P<key>[^']+)'\s+(?P<hint>Did you mean .*)$", str(text), re.S)
   if not match:
     return None
+  # The flag that names the key, as its last part or as a parent of it.
   flag = next((a.split("=", 1)[0] for a in argv if a.startswith("--config.")
-               and a.split("=", 1)[0].endswith("." + match["key"])), None)
+               and f"{a.split('=', 1)[0]}.".count(f".{match['key']}.")), None)
   where = f" (from {flag})" if flag else ""
   return (f"the config has no key {match['key']!r}{where}; "
           + " ".join(match["hint"].split()).replace("Did you", "did you", 1)

@@ -166,7 +166,8 @@ def point_config(config: ml_collections.ConfigDict, point: Point,
     for part in filter(None, parent.split(".")):
       node = node[part]
     if leaf not in node:
-      raise KeyError(f"Point {point.name!r} overrides unknown key {key!r}.")
+      raise SweepError(f"Point {point.name!r} overrides unknown key {key!r}; every key is in "
+                       "tlflax/defaults.py.")
     node[leaf] = tuple(value) if isinstance(value, list) else value
   if run.init.weights.startswith("@"):
     run.init.weights = os.path.join(workdir, run.init.weights[1:])
