@@ -11,7 +11,7 @@ import pytest
 
 from conftest import shared_data
 from tlflax import data, defaults
-from tlflax.data import digits, pipeline, sources, transforms
+from tlflax.data import datasets, digits, pipeline, sources, transforms
 from tlflax.data import images as images_lib
 
 
@@ -220,8 +220,8 @@ def test_eval_on_unused_train_sees_every_image_the_run_did_not_train_on(digits_d
     mask = np.concatenate([b["mask"] for b in batches]) > 0
     eval_images = np.concatenate([b["image"] for b in batches])[mask]
     eval_labels = np.concatenate([b["label"] for b in batches])[mask]
-    test_labels = pipeline.load_source(config, "eval").labels()
-    train_labels = pipeline.load_source(config, "train").labels()
+    test_labels = datasets.load_source(config, "eval").labels()
+    train_labels = datasets.load_source(config, "train").labels()
     assert evaluation.num_examples == len(eval_images) == len(test_labels) + len(train_labels) - 30
     assert image_hashes(eval_images).isdisjoint(image_hashes(train_images))
     everything = [b["image"][b["mask"] > 0] for b in all_batches(data.build(

@@ -12,7 +12,7 @@ import types
 import ml_collections
 import pytest
 
-from tlflax.data import pipeline, tensorflow_setup
+from tlflax.data import datasets, tensorflow_setup
 
 
 def test_loading_data_leaves_tensorflow_only_the_cpus(tmp_path, monkeypatch):
@@ -23,7 +23,7 @@ def test_loading_data_leaves_tensorflow_only_the_cpus(tmp_path, monkeypatch):
   data_config = ml_collections.ConfigDict(dict(
       source="digits", name="source", data_dir=str(tmp_path), train_split="train",
       eval_split="test"))
-  source = pipeline.load_source(data_config, "eval")  # builds the dataset: TF runs ops
+  source = datasets.load_source(data_config, "eval")  # builds the dataset: TF runs ops
   assert len(source) > 0
   assert hidden, "the TFDS source did not go through tensorflow_setup.import_tfds"
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
