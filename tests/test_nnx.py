@@ -3,6 +3,7 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -14,7 +15,8 @@ from conftest import INFERENCE_TOLERANCE, relative_error
 from test_torchvision_parity import randomize_batchnorm, to_nhwc
 import tlflax
 import tlflax.nnx
-from tlflax import optim, steps, tree, weights
+from tlflax import optim, stages, steps, tree, weights
+from tlflax.training import loop
 from tlflax.weights.merge import WeightsError
 
 
@@ -211,6 +213,20 @@ def test_bad_freeze_rules_are_refused():
     tlflax.nnx.to_nnx(model, variables, freeze=[("stage_1/.*", "frozen"), (".*", "trainable")])
   with pytest.raises(ValueError, match="no tlflax backbone"):
     tlflax.nnx.trainable_filter(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+
+
+def test_a_spec_means_what_it_means_in_the_training_loop():
+  """One policy (freeze.compile_spec): a spec string's own rules need not all match."""
+  model = TinyDropoutNet()
+  variables = model.init(jax.random.key(0), jnp.zeros((2, 4, 4, 3)))
+  # "batchnorm" on a network without BatchNorm: the head trains, the rest is frozen.
+  backbone = tlflax.nnx.to_nnx(model, variables, freeze="batchnorm")
+  loop_freezing = loop.compile_freezing(
+      ml_collections.ConfigDict({"freeze": {"batchnorm_mode": "frozen_layers"}}),
+      stages.Stage("train", 0, 0, 1, "batchnorm", ml_collections.ConfigDict()), model,
+      variables["params"])
+  assert sorted(backbone.frozen_paths) == sorted(loop_freezing.frozen_paths) == [
+      "stage1/bias", "stage1/kernel"]
 
 
 class TinyDropoutNet(nn.Module):

@@ -341,6 +341,30 @@ def _number(text: str, example: str) -> float:
     raise ValueError(f"{text!r} is not a number (e.g. {example!r})") from e
 
 
+def compile_spec(spec: str | FreezeRules, params, stage_names: Sequence[str],
+                 batchnorm_mode: str = "frozen_layers") -> Freezing:
+  """A freeze spec compiled against `params`, under the one policy tlflax applies.
+
+  Rules a user wrote (a list of `(regex, rule)`) must each decide some
+  parameter, so a typo is an error; the rule lists a spec string makes are
+  exempt ("batchnorm" on a network without BatchNorm trains its head alone).
+  The training loop's stages and `tlflax.nnx.to_nnx` both compile here, so a
+  spec means the same in both.
+
+  Args:
+    spec: a `rules_from_spec` string ("depth:2", "batchnorm", ...) or a rule list.
+    params: the parameter tree (or its shapes).
+    stage_names: the model's stages (`model.stage_names`).
+    batchnorm_mode: see `Freezing`.
+
+  Raises:
+    ValueError: as `rules_from_spec` and `compile_rules` do.
+  """
+  rules = rules_from_spec(spec, stage_names)
+  return compile_rules(rules, params, batchnorm_mode=batchnorm_mode,
+                       require_matches=not isinstance(spec, str), stage_names=stage_names)
+
+
 def rules_from_spec(spec: str | FreezeRules, stage_names: Sequence[str]):
   """Rule lists from short config strings.
 

@@ -205,9 +205,9 @@ def _compile_freezing(model: Backbone, variables, freeze, batchnorm_mode) -> fre
       raise ValueError("The Freezing was compiled for other parameters than this model's; "
                        "compile it with compile_rules(rules, variables['params']).")
   else:
-    rules = freeze_lib.rules_from_spec(freeze, model.stage_names)
-    freezing = freeze_lib.compile_rules(rules, variables["params"], batchnorm_mode,
-                                        require_matches=True, stage_names=model.stage_names)
+    # The loop's policy: rules a user wrote must match, a spec string's need not.
+    freezing = freeze_lib.compile_spec(freeze, variables["params"], model.stage_names,
+                                       batchnorm_mode)
   scaled = sorted({m for m in freezing.path_multiplier.values() if m not in (0.0, 1.0)})
   if scaled:
     raise ValueError(

@@ -110,17 +110,10 @@ def setup(config, resume: bool) -> Setup:
 
 
 def compile_freezing(config, stage: stages_lib.Stage, model, params) -> freeze.Freezing:
-  """The stage's freeze spec compiled against the model's parameters.
-
-  Rules a user wrote (a list of `(regex, rule)`) must each match a parameter;
-  the rule lists a spec string makes are exempt (e.g. "batchnorm" on a VGG
-  without BatchNorm).
-  """
+  """The stage's freeze spec compiled against the model's parameters (`freeze.compile_spec`)."""
   try:
-    rules = freeze.rules_from_spec(stage.freeze, model.stage_names)
-    return freeze.compile_rules(rules, params, batchnorm_mode=config.freeze.batchnorm_mode,
-                                require_matches=not isinstance(stage.freeze, str),
-                                stage_names=model.stage_names)
+    return freeze.compile_spec(stage.freeze, params, model.stage_names,
+                               config.freeze.batchnorm_mode)
   except ValueError as e:
     where = f"Stage {stage.name!r}" if stage.name != "train" else "config.freeze.rules"
     raise ValueError(f"{where}: {e}") from e
