@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -110,7 +111,9 @@ def table(workdir, pytorch_json, timing_seeds=None) -> str:
     error = (s1 ** 2 / len(ours) + s2 ** 2 / len(theirs)) ** 0.5
     gap = f"{(m1 - m2) / error:+.1f}" if error > 0 else ("0" if m1 == m2 else "inf")
     speed = [statistics.median(runs[k][1] for k in timed) for runs in (ours, theirs)]
-    wall = [statistics.median(runs[k][2] for k in timed) for runs in (ours, theirs)]
+    # Run times not known (a point whose result.json was written again) are left out.
+    wall = [statistics.median([runs[k][2] for k in timed if runs[k][2] is not None] or
+                              [math.nan]) for runs in (ours, theirs)]
     lines.append(f"| {recipe} | {m1:.1f} ± {s1:.1f} | {m2:.1f} ± {s2:.1f} | {gap} "
                  f"| {speed[0]:.2f} | {speed[1]:.2f} | {wall[0]:.0f} | {wall[1]:.0f} |")
   return "\n".join(lines)

@@ -11,6 +11,7 @@ the whole command line of `python -m tlflax.main`, called in this process.
 import json
 import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -105,6 +106,20 @@ def test_a_finished_workdir_answers_with_its_result_for_the_same_settings(first_
   assert (f"{workdir} has finished already (step 3 of 3) with these settings: nothing to "
           "train. Its result:") in logged
   assert files_in(workdir) == before   # nothing written, nothing touched
+
+
+def test_a_finished_run_that_lost_its_result_file_gets_it_back_without_a_run_time(
+    first_run, tmp_path, capsys, caplog):
+  """Killed between its last checkpoint and result.json: finished, its time unknown."""
+  workdir = tmp_path / "copy"
+  shutil.copytree(first_run[0], workdir)
+  os.remove(workdir / "result.json")
+  status, result, errors, logged = run(capsys, caplog, *FIRST, f"--workdir={workdir}")
+  assert status == 0, errors
+  assert result == {**first_run[1], "already_finished": True}
+  record = json.loads((workdir / "result.json").read_text())
+  assert record["metrics"] == first_run[1] and record["wall_seconds"] is None
+  assert any("written now from its last checkpoint" in line for line in logged)
 
 
 @pytest.mark.parametrize("changed, listed", [

@@ -7,6 +7,7 @@ known function of the config; one test trains for real, through the printed
 
 import csv
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -303,6 +304,22 @@ def test_a_workdir_of_another_sweep_is_refused_unless_overwrite(tmp_path, config
   sweeps.prepare(config, more, str(tmp_path), overwrite=True)
   assert sweep_results.missing_points(str(tmp_path)) == ["freeze_rules-depth_3__seed-0"]
   assert (tmp_path / NAMES[0] / "result.json").exists()  # a finished point is never deleted
+
+
+def test_a_point_that_had_finished_reports_no_made_up_run_time(tmp_path, config_file,
+                                                              monkeypatch):
+  """A point whose result.json was lost: training answers `already_finished`."""
+  config, points = load(config_file)
+
+  def finished_before(run_config, workdir):
+    return {"eval/accuracy": 0.75, "eval/loss": 1.0, "step": run_config.num_train_steps,
+            "start": "scratch", "already_finished": True}
+  monkeypatch.setattr(loop, "train_and_evaluate", finished_before)
+  record = sweeps.run_point(config, points[0], str(tmp_path))
+  assert record["wall_seconds"] is None and "already_finished" not in record["metrics"]
+  sweeps.prepare(config, points, str(tmp_path))
+  (row,) = sweep_results.collect(str(tmp_path))
+  assert row.accuracy == 0.75 and math.isnan(row.wall_seconds)
 
 
 def test_point_out_of_range_says_how_many_points_there_are(config_file):

@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 from typing import Any, Sequence
 
@@ -55,7 +56,7 @@ class Row:
   accuracy: float  # eval accuracy, a fraction
   loss: float
   steps: int
-  wall_seconds: float
+  wall_seconds: float  # NaN when unknown (result.json's null)
   start: str = ""  # "pretrained", "scratch" or "resumed"
   finished: str = ""
   group: str = ""  # the table row it is reported in ("" = by its settings)
@@ -106,13 +107,18 @@ def collect(workdir: str) -> list[Row]:
     settings = {key: entry["overrides"].get(key, config.get(key)) for key in swept}
     rows.append(Row(entry["name"], settings, float(metrics["eval/accuracy"]),
                     float(metrics["eval/loss"]), int(metrics.get("step", 0)),
-                    float(result["wall_seconds"]), str(metrics.get("start", "")),
+                    _seconds(result["wall_seconds"]), str(metrics.get("start", "")),
                     result.get("finished", ""), str(entry["overrides"].get(GROUP_KEY, ""))))
   if len(rows) < len(record["points"]):
     missing = missing_points(workdir)
     log.warning("%d of %d points have not finished: %s", len(missing), len(record["points"]),
                 ", ".join(missing))
   return rows
+
+
+def _seconds(value: Any) -> float:
+  """result.json's wall_seconds; null (a run time not known) becomes NaN."""
+  return math.nan if value is None else float(value)
 
 
 def missing_points(workdir: str) -> list[str]:

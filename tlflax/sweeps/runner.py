@@ -198,8 +198,10 @@ def run_point(config: ml_collections.ConfigDict, point: Point, workdir: str) -> 
     return None
   os.makedirs(point_dir, exist_ok=True)
   # The schema a single run's result.json has, plus which point it is.
+  # A point that had finished (its result.json lost) took an unknown time.
+  seconds = None if metrics.get("already_finished") else time.monotonic() - started
   record = {"point": point.name, "overrides": tree.to_json(point.overrides),
-            **result_record(metrics, time.monotonic() - started)}
+            **result_record(metrics, seconds)}
   files.write_json(result_path, record)  # a result.json is either complete or absent
   return record
 

@@ -328,13 +328,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if recorded_total is not None:
     finished = workdir_lib.check_rerun(config, workdir, latest, recorded_total)
     if finished is not None:
-      return finished
+      return _with_result_file(workdir, finished)
   # Checked and built before anything is written: a refused start leaves no trace.
   run = setup(config, resume=latest is not None)
   if latest is not None and recorded_total is None:  # checkpoints older than that record
     finished = workdir_lib.check_rerun(config, workdir, latest, run.total_steps)
     if finished is not None:
-      return finished
+      return _with_result_file(workdir, finished)
   mesh = sharding.make_mesh()
   with contextlib.ExitStack() as cleanup:
     cleanup.enter_context(workdir_lib.lock(workdir))
@@ -360,6 +360,20 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           workdir, [(s.name, s.end) for s in run.stages],
           title=f"{os.path.basename(workdir)}: {config.model.name}, {run.start} start")
     return result
+
+
+def _with_result_file(workdir: str, finished: dict[str, Any]) -> dict[str, Any]:
+  """A finished run's result, its result.json written again if it was lost.
+
+  A run killed between its last checkpoint and its result.json has finished:
+  its result comes from the checkpoint, and its run time is unknown (null).
+  """
+  if jax.process_index() == 0 and not os.path.exists(os.path.join(workdir,
+                                                                  metrics.RESULT_FILE)):
+    log.warning("%s had finished without a %s; written now from its last checkpoint (its "
+                "run time is unknown: wall_seconds null).", workdir, metrics.RESULT_FILE)
+    metrics.write_result(workdir, finished, None)
+  return finished
 
 
 def _train(config, workdir: str, run: Setup, current: StageRun, state, ckpt, writer, progress,

@@ -196,24 +196,29 @@ class Progress:
 # The end of a run: result.json and the training curves
 # ----------------------------------------------------------------------------
 
-def result_record(result: Mapping[str, Any], wall_seconds: float) -> dict[str, Any]:
+def result_record(result: Mapping[str, Any], wall_seconds: float | None) -> dict[str, Any]:
   """What `result.json` holds, for a single run and a sweep's point alike.
 
   Args:
     result: what `train_and_evaluate` returned for a finished run
       (`eval/accuracy`, `eval/loss`, `step`, `start`, and `stages` for a
       staged run).
-    wall_seconds: how long the run (this invocation of it) took.
+    wall_seconds: how long the run (this invocation of it) took; None when
+      it is not known (a finished run whose result.json was lost, written
+      again from its checkpoint: JSON null, never a made-up time).
 
   Returns:
     `{"metrics": result, "wall_seconds": ..., "finished": <UTC time, ISO 8601>}`;
     a sweep adds the point's `point` and `overrides`.
   """
-  return {"metrics": tree.to_json(dict(result)), "wall_seconds": float(wall_seconds),
+  result = {k: v for k, v in result.items() if k != "already_finished"}
+  return {"metrics": tree.to_json(result),
+          "wall_seconds": None if wall_seconds is None else float(wall_seconds),
           "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def write_result(workdir: str, result: Mapping[str, Any], wall_seconds: float) -> dict[str, Any]:
+def write_result(workdir: str, result: Mapping[str, Any], wall_seconds: float | None
+                 ) -> dict[str, Any]:
   """Writes `WORKDIR/result.json` (atomically) for a finished run; returns the record.
 
   Only a finished run has one: a preempted run writes none (a sweep reads a

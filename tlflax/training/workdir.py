@@ -315,8 +315,9 @@ def finished_result(workdir: str | os.PathLike, step: int) -> dict[str, Any]:
   """What `train_and_evaluate` returned when the run in `workdir` finished at `step`.
 
   Its `result.json` where the run wrote one; else rebuilt from what the
-  checkpoints keep: the final evaluation saved with step `step`, and for a
-  staged run each finished stage's (in `WORKDIR/stages/<name>`).
+  checkpoints keep: the final evaluation saved with step `step`, for a
+  staged run each finished stage's (in `WORKDIR/stages/<name>`), and how it
+  started ("resumed" if it ever was, else from its recorded config).
   """
   # Imported here: checkpoint imports this module.
   from tlflax.training import checkpoint, metrics  # pylint: disable=import-outside-toplevel
@@ -327,6 +328,12 @@ def finished_result(workdir: str | os.PathLike, step: int) -> dict[str, Any]:
     if stored.get("step") == step:
       return dict(stored)
   result = {"step": step, **checkpoint.saved_metrics(workdir, step)}
+  # How the run started, as the loop says it: "resumed" if it ever was.
+  recorded = config_record(workdir)
+  if any(_RESUMED_CONFIG.match(name) for name in os.listdir(workdir)):
+    result["start"] = "resumed"
+  elif recorded is not None:
+    result["start"] = "pretrained" if recorded.get("init", {}).get("weights") else "scratch"
   stages_dir = os.path.join(workdir, STAGES_DIR)
   stages = []
   for name in sorted(os.listdir(stages_dir)) if os.path.isdir(stages_dir) else ():
