@@ -98,6 +98,8 @@ def test_a_dropout_key_argument_draws_the_seeds_masks_from_a_seed_free_program()
   by_constant, _ = step(state, batch)
   by_argument, _ = step(state, batch, jax.random.key(3))
   assert identical(by_constant.params, by_argument.params)
+  by_key_data, _ = step(state, batch, jax.random.key_data(jax.random.key(3)))  # what the loop passes
+  assert identical(by_constant.params, by_key_data.params)
   by_other_key, _ = step(state, batch, jax.random.key(4))
   assert not identical(by_constant.params, by_other_key.params)  # the masks depend on the key
   programs = {step.lower(state, batch, jax.random.key(seed)).as_text() for seed in (3, 4)}

@@ -96,8 +96,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     label_smoothing: for the cross-entropy loss.
     dropout_seed: dropout keys are this seed folded with the step number, so a
       resumed run draws the same masks as an uninterrupted one. The step's
-      optional third argument, `jax.random.key(dropout_seed)` passed as an
-      argument, replaces this constant: runs that differ only in their seed
+      optional third argument, `jax.random.key(dropout_seed)` or its
+      `jax.random.key_data` (a plain uint32 array, which a multi-process
+      mesh can replicate from the host), replaces this constant: runs that differ only in their seed
       then share one compiled program (through JAX's persistent compilation
       cache, also across processes) instead of each baking its seed in.
     prepare_images: applied to `batch["image"]` inside the step, on the
@@ -121,6 +122,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     trainable, frozen = freezing.split(state.params)
     if dropout_key is None:
       dropout_key = jax.random.key(dropout_seed)
+    elif not jnp.issubdtype(dropout_key.dtype, jax.dtypes.prng_key):
+      dropout_key = jax.random.wrap_key_data(dropout_key)
     rngs = {"dropout": jax.random.fold_in(dropout_key, state.step)}
 
     def loss_fn(trainable_params):

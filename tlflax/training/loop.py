@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tlflax import build, compilation, data, defaults, freeze, optim, sharding, steps
 from tlflax import stages as stages_lib
@@ -160,7 +161,9 @@ def build_stage(config, run: Setup, stage: stages_lib.Stage, variables, mesh) ->
                             prepare_images=train_data.device_transform()),
       in_shardings=(replicated, batch_sharded, replicated),
       out_shardings=(replicated, replicated), donate_argnums=0)
-  dropout_key = jax.device_put(jax.random.key(config.seed), replicated)
+  # As key data, a host array: every process replicates the same value.
+  dropout_key = sharding.replicate(np.asarray(jax.random.key_data(jax.random.key(config.seed))),
+                                   mesh)
 
   def train_step(state, batch):
     return jitted_train_step(state, batch, dropout_key)
