@@ -98,9 +98,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       resumed run draws the same masks as an uninterrupted one. The step's
       optional third argument, `jax.random.key(dropout_seed)` or its
       `jax.random.key_data` (a plain uint32 array, which a multi-process
-      mesh can replicate from the host), replaces this constant: runs that differ only in their seed
-      then share one compiled program (through JAX's persistent compilation
-      cache, also across processes) instead of each baking its seed in.
+      mesh can replicate from the host), replaces this constant: runs that
+      differ only in their seed then share one compiled program (through
+      JAX's persistent compilation cache, also across processes) instead of
+      each baking its seed in.
     prepare_images: applied to `batch["image"]` inside the step, on the
       device: the dataset's `device_transform()` (uint8 -> normalised float32);
       None passes the images on as they are.
