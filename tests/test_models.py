@@ -184,10 +184,11 @@ def test_what_is_not_a_backbone():
 
 def test_public_names():
   assert sorted(models.__all__) == sorted([
-      "Backbone", "PRE_LOGITS", "check_stage", "extract_features", "feature_names",
+      "Backbone", "LOGITS", "PRE_LOGITS", "check_stage", "extract_features", "feature_names",
       "get_model", "model_for_stage", "model_names", "register"])
   assert all(hasattr(models, name) for name in models.__all__)
   assert models.PRE_LOGITS == layers.PRE_LOGITS == "pre_logits"
+  assert models.LOGITS == "logits"
 
 
 def test_feature_names_follow_truncation_and_head():
